@@ -1,0 +1,30 @@
+"""Shared test fixtures: tiny, fast configurations on the committed real motion-capture table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "data" / "cmu_h36m17_30fps.parquet"
+
+#: A model small enough to train a few steps in seconds on 2 CPU cores.
+TINY = {
+    "model": {"width": 32, "blocks": 1, "embedding_dim": 4, "samples": 3, "dropout": 0.1},
+    "optim": {"steps": 6, "batch_size": 24},
+    "eval": {"max_queries": 40, "every": 24},
+    "log_every": 2,
+    "checkpoint_every": 3,
+}
+
+
+@pytest.fixture
+def tiny_overrides() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY)

@@ -1,0 +1,244 @@
+"""Tests for vipe_ray.losses: the match probability, kernel distance and the three losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vipe_ray.losses import (
+    MatchProbability,
+    a_to_raw,
+    gaussian_kl,
+    kernel_distance,
+    positive_pairwise_loss,
+    triplet_ratio_loss,
+)
+
+A0, B0, S = math.exp(-0.65), -0.5, 0.1
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def p_hand(d: float, a: float = A0, b: float = B0, s: float = S) -> float:
+    return (1 - s) * sigmoid(-a * d + b) + s / 2
+
+
+# ----------------------------------------------------------------------------------------------- a, b
+
+
+@pytest.mark.parametrize("a", [0.01, math.exp(-0.65), 0.999, 1.0, 1.5, 7.0])
+def test_a_to_raw_inverts_elu_plus_one(a):
+    raw = a_to_raw(a)
+    assert (F.elu(torch.tensor(raw, dtype=torch.float64)) + 1.0).item() == pytest.approx(a, rel=1e-12)
+
+
+def test_a_to_raw_branches():
+    assert a_to_raw(2.5) == pytest.approx(1.5)
+    assert a_to_raw(math.exp(-0.65)) == pytest.approx(-0.65)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            a_to_raw(bad)
+
+
+def test_default_parameters_follow_the_reference():
+    m = MatchProbability()
+    assert m.a.item() == pytest.approx(A0, rel=1e-6)
+    assert m.a_raw.item() == pytest.approx(-0.65, rel=1e-6)
+    assert m.b.item() == pytest.approx(-0.5)
+    assert m.smoothing == pytest.approx(0.1)
+    assert {n for n, _ in m.named_parameters()} == {"a_raw", "b"}
+
+
+def test_a_stays_positive():
+    m = MatchProbability()
+    with torch.no_grad():
+        m.a_raw.fill_(-10.0)
+    assert m.a.item() > 0
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.0, 1.5])
+def test_bad_smoothing_raises(s):
+    with pytest.raises(ValueError, match="smoothing"):
+        MatchProbability(smoothing=s)
+
+
+# ----------------------------------------------------------------------------------------------- probability
+
+
+def test_hand_case_distance_two():
+    m = MatchProbability().double()
+    z1 = torch.tensor([[[0.0, 0.0, 0.0]]], dtype=torch.float64)
+    z2 = torch.tensor([[[0.0, 2.0, 0.0]]], dtype=torch.float64)
+    p = m(z1, z2)
+    assert p.shape == (1,)
+    expected = 0.9 * sigmoid(-A0 * 2.0 - 0.5) + 0.05  # a_raw is stored in float32: compare to 1e-6
+    assert p.item() == pytest.approx(expected, rel=1e-6)
+    assert kernel_distance(p).item() == pytest.approx(-math.log(expected), rel=1e-6)
+
+
+def test_k_by_k_averaging_hand_case():
+    m = MatchProbability(a_init=1.5, b_init=0.25, smoothing=0.2).double()
+    z1 = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)   # K1 = 2
+    z2 = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]], dtype=torch.float64)   # K2 = 2
+    # Sample distances: 0, 3, 1, 2.
+    expected = sum(p_hand(d, 1.5, 0.25, 0.2) for d in (0.0, 3.0, 1.0, 2.0)) / 4
+    assert m(z1, z2).item() == pytest.approx(expected, rel=1e-12)
+    # Uneven sample counts: K1 = 2 against K2 = 1.
+    expected = (p_hand(0.0, 1.5, 0.25, 0.2) + p_hand(1.0, 1.5, 0.25, 0.2)) / 2
+    assert m(z1, z2[:, :1]).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_batch_is_paired():
+    m = MatchProbability().double()
+    z1 = torch.tensor([[[0.0]], [[0.0]]], dtype=torch.float64)
+    z2 = torch.tensor([[[1.0]], [[4.0]]], dtype=torch.float64)
+    torch.testing.assert_close(m(z1, z2), torch.tensor([p_hand(1.0), p_hand(4.0)], dtype=torch.float64))
+
+
+def test_probability_is_bounded_by_smoothing():
+    m = MatchProbability().double()
+    d = torch.tensor([0.0, 1e-3, 1.0, 10.0, 100.0, 1e6], dtype=torch.float64)
+    p = m.from_distance(d)
+    assert (p >= 0.05).all() and (p <= 0.95).all()
+    assert (p[:4] > 0.05).all() and (p[:4] < 0.95).all()
+    assert p[-1].item() == pytest.approx(0.05, abs=1e-12)
+    assert (p[1:] < p[:-1]).sum() >= 4  # decreasing with distance
+    # A very confident sigmoid (large b) still stops at 1 - s/2.
+    m2 = MatchProbability(b_init=100.0).double()
+    assert m2.from_distance(torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(0.95, abs=1e-12)
+    # Hence the kernel distance stays within (-log 0.95, -log 0.05) ~ (0.051, 3.0).
+    dist = kernel_distance(torch.cat([p, m2.from_distance(torch.zeros(1, dtype=torch.float64))]))
+    assert dist.min().item() >= -math.log(0.95) - 1e-12
+    assert dist.max().item() <= -math.log(0.05) + 1e-12
+
+
+def test_zero_smoothing_allows_the_full_range():
+    m = MatchProbability(smoothing=0.0).double()
+    assert m.from_distance(torch.tensor([0.0], dtype=torch.float64)).item() == pytest.approx(sigmoid(B0))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+def test_pairwise_matches_forward_for_all_pairs(chunk):
+    g = torch.Generator().manual_seed(0)
+    m = MatchProbability().double()
+    z1 = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    z2 = torch.randn(4, 2, 4, generator=g, dtype=torch.float64)
+    pw = m.pairwise(z1, z2, chunk=chunk)
+    assert pw.shape == (5, 4)
+    for j in range(4):
+        with torch.no_grad():
+            col = m(z1, z2[j:j + 1].expand(5, 2, 4))
+        torch.testing.assert_close(pw[:, j], col, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_pairwise_diagonal_equals_forward(chunk):
+    g = torch.Generator().manual_seed(1)
+    m = MatchProbability().double()
+    z1 = torch.randn(6, 4, 8, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.1 * torch.randn(6, 4, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.pairwise(z1, z2, chunk=chunk).diagonal(), m(z1, z2), atol=1e-10, rtol=1e-10)
+        # Identical samples (distance exactly 0 in forward): the squared-distance expansion stays close.
+        torch.testing.assert_close(m.pairwise(z1, z1, chunk=chunk).diagonal(), m(z1, z1), atol=1e-6, rtol=0)
+
+
+def test_pairwise_float32_close_to_forward():
+    g = torch.Generator().manual_seed(2)
+    m = MatchProbability()
+    z = torch.randn(6, 5, 16, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(m.pairwise(z, z, chunk=4).diagonal(), m(z, z), atol=1e-4, rtol=0)
+
+
+def test_gradients_reach_a_b_and_embeddings():
+    g = torch.Generator().manual_seed(3)
+    m = MatchProbability()
+    z1 = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    z2 = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    loss = kernel_distance(m(z1, z2)).mean()
+    loss.backward()
+    for t in (m.a_raw, m.b, z1, z2):
+        assert t.grad is not None
+        assert torch.isfinite(t.grad).all()
+        assert t.grad.abs().sum().item() > 0
+    # Increasing b raises every probability, so it lowers the kernel distance: dL/db < 0.
+    assert m.b.grad.item() < 0
+    # A steeper sigmoid lowers the probability at positive distances: dL/da_raw > 0.
+    assert m.a_raw.grad.item() > 0
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def test_triplet_ratio_loss_hand_case():
+    d_ap = torch.tensor([1.0, 0.2, 2.0, 0.5, 0.3])
+    d_an = torch.tensor([0.5, 2.0, 1.0, 0.1, 0.3 + math.log(2.0) + 0.5])
+    valid = torch.tensor([True, True, False, True, True])
+    loss, active = triplet_ratio_loss(d_ap, d_an, valid)
+    ln2 = math.log(2.0)
+    # Active: 0 (1 - 0.5 + ln2), 3 (0.5 - 0.1 + ln2); 1 and 4 are satisfied; 2 has no negative.
+    expected = ((1.0 - 0.5 + ln2) + (0.5 - 0.1 + ln2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert active.tolist() == [True, False, False, True, False]
+
+
+def test_triplet_ratio_loss_custom_margin():
+    d_ap = torch.tensor([1.0, 1.0])
+    d_an = torch.tensor([1.0, 1.5])
+    loss, active = triplet_ratio_loss(d_ap, d_an, torch.tensor([True, True]), margin=1.0)
+    assert loss.item() == pytest.approx((1.0 + 0.5) / 2)
+    assert active.tolist() == [True, True]
+
+
+def test_triplet_ratio_loss_all_inactive_is_zero():
+    d_ap = torch.tensor([0.1, 0.2], requires_grad=True)
+    d_an = torch.tensor([3.0, 3.0], requires_grad=True)
+    loss, active = triplet_ratio_loss(d_ap, d_an, torch.tensor([True, True]))
+    assert loss.item() == 0.0
+    assert not active.any()
+    loss.backward()
+    assert torch.isfinite(d_ap.grad).all() and d_ap.grad.abs().sum() == 0
+    # No valid anchors at all: also 0, nothing active.
+    loss, active = triplet_ratio_loss(torch.tensor([3.0]), torch.tensor([0.1]), torch.tensor([False]))
+    assert loss.item() == 0.0 and not active.any()
+
+
+def test_triplet_ratio_loss_gradient_only_from_active():
+    d_ap = torch.tensor([1.0, 0.1, 1.0], requires_grad=True)
+    d_an = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)
+    loss, _ = triplet_ratio_loss(d_ap, d_an, torch.tensor([True, True, False]))
+    loss.backward()
+    torch.testing.assert_close(d_ap.grad, torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(d_an.grad, torch.tensor([-1.0, 0.0, 0.0]))
+
+
+def test_positive_pairwise_loss_is_the_mean():
+    assert positive_pairwise_loss(torch.tensor([0.5, 1.5, 4.0])).item() == pytest.approx(2.0)
+
+
+def test_gaussian_kl_zero_at_the_prior():
+    assert gaussian_kl(torch.zeros(3, 16), torch.ones(3, 16)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gaussian_kl_hand_case():
+    mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    sigma = torch.tensor([[2.0, 0.5], [1.0, 1.0]], dtype=torch.float64)
+    # Row 0: 0.5 * [(4 + 1 - 1 - 2 ln 2) + (0.25 + 4 - 1 + 2 ln 2)] = 3.625; row 1: 0. Mean over rows.
+    assert gaussian_kl(mean, sigma).item() == pytest.approx(3.625 / 2, rel=1e-12)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    sigma = 0.2 + torch.rand(5, 4, generator=g, dtype=torch.float64) * 2
+    q = torch.distributions.Normal(mean, sigma)
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(sigma))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1).mean()
+    torch.testing.assert_close(gaussian_kl(mean, sigma), expected)
+    assert gaussian_kl(mean, sigma).item() > 0

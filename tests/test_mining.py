@@ -1,0 +1,183 @@
+"""Tests for vipe_ray.mining: negative candidates and the three mining modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vipe_ray.mining import MODES, candidate_mask, mine_negatives
+
+INF = float("inf")
+
+
+def test_modes():
+    assert set(MODES) == {"semi_hard", "hard", "ratio"}
+
+
+def test_candidate_mask_threshold_is_inclusive():
+    d = torch.tensor([[0.0, 0.1, 0.05], [0.2, 0.0999, 0.1], [0.3, 0.11, 0.0]])
+    assert candidate_mask(d, 0.1).tolist() == [[False, True, False], [True, False, True], [True, True, False]]
+
+
+def hand_case():
+    kernel = torch.tensor([
+        [0.5, 0.9, 0.3, 1.2, 2.0],
+        [0.4, 0.6, 0.7, 0.2, 1.0],
+        [1.0, 1.1, 0.8, 1.3, 0.9],
+        [0.1, 0.2, 0.3, 0.4, 0.5],
+    ])
+    d_ap = torch.tensor([0.5, 0.6, 2.0, 0.4])
+    candidates = torch.tensor([
+        [False, True, True, True, False],
+        [True, False, True, True, True],
+        [True, True, False, True, True],
+        [False, False, False, False, False],
+    ])
+    return kernel, d_ap, candidates
+
+
+def test_hard_picks_the_nearest_candidate():
+    kernel, d_ap, candidates = hand_case()
+    neg = mine_negatives(kernel, d_ap, candidates, "hard")
+    assert neg.valid.tolist() == [True, True, True, False]
+    # Row 0: candidates {1: 0.9, 2: 0.3, 3: 1.2} -> 2 (the non-candidate 0 at 0.5 is skipped).
+    # Row 1: {0: 0.4, 2: 0.7, 3: 0.2, 4: 1.0} -> 3. Row 2: {0: 1.0, 1: 1.1, 3: 1.3, 4: 0.9} -> 4.
+    assert neg.index[:3].tolist() == [2, 3, 4]
+
+
+def test_semi_hard_picks_the_nearest_candidate_beyond_the_positive():
+    kernel, d_ap, candidates = hand_case()
+    neg = mine_negatives(kernel, d_ap, candidates, "semi_hard")
+    # Row 0 (d_ap 0.5): candidates farther than 0.5 are 1 (0.9) and 3 (1.2) -> 1.
+    # Row 1 (d_ap 0.6): 2 (0.7), 4 (1.0) -> 2. Row 2 (d_ap 2.0): none -> invalid. Row 3: no candidate.
+    assert neg.valid.tolist() == [True, True, False, False]
+    assert neg.index[:2].tolist() == [1, 2]
+
+
+def test_semi_hard_needs_strictly_farther():
+    kernel = torch.tensor([[0.0, 0.5, 0.7], [0.5, 0.0, 0.5]])
+    d_ap = torch.tensor([0.5, 0.5])
+    candidates = torch.tensor([[False, True, True], [True, False, True]])
+    neg = mine_negatives(kernel, d_ap, candidates, "semi_hard")
+    assert neg.valid.tolist() == [True, False]
+    assert neg.index[0].item() == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_anchors_without_candidates_are_invalid(mode):
+    kernel = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    candidates = torch.zeros(4, 4, dtype=torch.bool)
+    candidates[1, 2] = True
+    neg = mine_negatives(kernel, torch.zeros(4), candidates, mode, ratio=0.5,
+                         generator=torch.Generator().manual_seed(1))
+    assert neg.valid.tolist() == [False, True, False, False]
+    assert neg.index[1].item() == 2
+    assert neg.index.shape == neg.valid.shape == (4,)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_never_picks_an_invalid_candidate(mode):
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        kernel = torch.rand(32, 32, generator=g, dtype=torch.float64) * 3
+        d_ap = kernel.diagonal().clone()
+        candidates = torch.rand(32, 32, generator=g) < 0.3
+        neg = mine_negatives(kernel, d_ap, candidates, mode, ratio=0.4, generator=g)
+        rows = torch.arange(32)[neg.valid]
+        assert candidates[rows, neg.index[neg.valid]].all()
+        if mode == "semi_hard":
+            assert (kernel[rows, neg.index[neg.valid]] > d_ap[neg.valid]).all()
+            has = (candidates & (kernel > d_ap[:, None])).any(1)
+            assert torch.equal(neg.valid, has)
+        else:
+            assert torch.equal(neg.valid, candidates.any(1))
+
+
+def ratio_rows(n: int, values: list[float], cand_cols: list[int]):
+    """``n`` identical anchors: kernel row ``values`` (padded with 0s), candidates ``cand_cols``."""
+    kernel = torch.zeros(n, n, dtype=torch.float64)
+    kernel[:, :len(values)] = torch.tensor(values, dtype=torch.float64)
+    candidates = torch.zeros(n, n, dtype=torch.bool)
+    candidates[:, cand_cols] = True
+    return kernel, candidates
+
+
+def test_ratio_one_is_uniform_over_valid_candidates():
+    values = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.05, 0.6]
+    cand = [0, 2, 3, 4, 7]  # 0.05 and 0.1 (the nearest) are not candidates
+    n = 400
+    kernel, candidates = ratio_rows(n, values, cand)
+    counts = torch.zeros(n, dtype=torch.long)
+    for seed in range(3):
+        neg = mine_negatives(kernel, torch.zeros(n, dtype=torch.float64), candidates, "ratio", ratio=1.0,
+                             generator=torch.Generator().manual_seed(seed))
+        assert neg.valid.all()
+        counts += torch.bincount(neg.index, minlength=n)
+    total = 3 * n
+    assert counts.sum().item() == total
+    assert counts[[c for c in range(n) if c not in cand]].sum().item() == 0
+    expected = total / len(cand)
+    chi2 = sum((counts[c].item() - expected) ** 2 / expected for c in cand)
+    assert chi2 < 18.5  # 4 degrees of freedom: p ~ 0.001
+
+
+def test_small_ratio_stays_among_the_hardest():
+    values = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.05, 0.6]
+    cand = [0, 2, 3, 4, 5, 7]  # sorted by kernel: 5 (0.2), 3 (0.3), 2 (0.5), 7, 4, 0
+    n = 300
+    kernel, candidates = ratio_rows(n, values, cand)
+    for ratio, allowed in ((0.25, {5, 3}), (0.1, {5}), (0.5, {5, 3, 2})):
+        seen = set()
+        for seed in range(2):
+            neg = mine_negatives(kernel, torch.zeros(n, dtype=torch.float64), candidates, "ratio", ratio=ratio,
+                                 generator=torch.Generator().manual_seed(seed))
+            seen |= set(neg.index.tolist())
+        assert seen == allowed, ratio  # within ceil(r * 6) hardest, and each of them is drawn
+
+
+@pytest.mark.parametrize("dtype,ratio,count", [(torch.float32, 0.3, 50), (torch.float64, 0.28, 25)])
+def test_ratio_pool_size_is_exactly_ceil_of_ratio_times_count(dtype, ratio, count):
+    # ceil(0.3 * 50) = 15 and ceil(0.28 * 25) = 7, but in floating point the products round up to
+    # 15.000001 (float32) and 7.000000000000001 (float64): a naive ceil makes the pool one too large.
+    n = 64
+    kernel, candidates = ratio_rows(n, [float(v) for v in range(count)], list(range(count)))
+    pool = round(ratio * count)  # both products are whole numbers
+    picked = set()
+    for seed in range(6):
+        neg = mine_negatives(kernel.to(dtype), torch.zeros(n, dtype=dtype), candidates, "ratio", ratio=ratio,
+                             generator=torch.Generator().manual_seed(seed))
+        picked |= set(neg.index.tolist())
+    assert max(picked) == pool - 1  # only the `pool` hardest (kernel values 0 .. pool-1) are drawn
+
+
+def test_ratio_is_deterministic_for_a_seeded_generator():
+    g = torch.Generator().manual_seed(5)
+    kernel = torch.rand(16, 16, generator=g)
+    candidates = torch.rand(16, 16, generator=g) < 0.5
+    a = mine_negatives(kernel, torch.zeros(16), candidates, "ratio", 1.0, torch.Generator().manual_seed(9))
+    b = mine_negatives(kernel, torch.zeros(16), candidates, "ratio", 1.0, torch.Generator().manual_seed(9))
+    assert torch.equal(a.index, b.index) and torch.equal(a.valid, b.valid)
+
+
+def test_tiny_ratio_equals_hard_mining():
+    g = torch.Generator().manual_seed(6)
+    kernel = torch.rand(20, 20, generator=g, dtype=torch.float64)
+    candidates = torch.rand(20, 20, generator=g) < 0.5
+    hard = mine_negatives(kernel, torch.zeros(20, dtype=torch.float64), candidates, "hard")
+    tiny = mine_negatives(kernel, torch.zeros(20, dtype=torch.float64), candidates, "ratio", ratio=1e-6,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hard.valid, tiny.valid)
+    assert torch.equal(hard.index[hard.valid], tiny.index[tiny.valid])
+
+
+def test_bad_mode_raises():
+    with pytest.raises(ValueError, match="mode"):
+        mine_negatives(torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 2, dtype=torch.bool), "easy")
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
+def test_bad_ratio_raises(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        mine_negatives(torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 2, dtype=torch.bool), "ratio", ratio=ratio)

@@ -1,0 +1,163 @@
+"""Training: the step, checkpoints, resume, determinism and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from vipe_ray.cli import main
+from vipe_ray.config import ConfigError, load_config
+from vipe_ray.data import WindowSampler, load_table
+from vipe_ray.train import (build_model, build_optimizer, lifter_step, load_checkpoint, train, train_step)
+from vipe_ray.model import Lifter
+
+
+def test_train_step_updates_parameters_and_reports_metrics(tiny_overrides):
+    config = load_config(overrides=tiny_overrides)
+    table = load_table(config.data.table_path()).select(config.data.train_subjects)
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(config)
+    optimizer, _ = build_optimizer(config, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = WindowSampler(table).sample(config.optim.batch_size, generator)
+    phases = []
+    metrics = train_step(model, optimizer, batch, config, generator, timer=phases.append)
+    assert phases == ["views", "mining", "forward", "backward"]
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert all(changed), "every parameter, a and b included, receives a gradient step"
+    assert 0.0 < metrics["active_triplets"] <= 1.0
+    assert 0.0 < metrics["valid_negatives"] <= 1.0
+    # Kernel distances are bounded by the smoothing: -log(0.95) < d < -log(0.05).
+    assert 0.05 < metrics["d_ap"] < 3.0
+    assert metrics["a"] > 0 and metrics["sigma"] > 0
+
+
+@pytest.mark.parametrize("variant", [
+    {"cameras": {"augmentation": False}},
+    {"temporal": {"enabled": True, "frames": 3, "stride": 2}},
+    {"keypoint_dropout": {"mode": "both"}},
+    {"model": {"probabilistic": False}},
+    {"mining": {"mode": "ratio", "hard_negative_ratio": 0.25, "samples": 2}},
+])
+def test_every_variant_trains(tiny_overrides, variant):
+    from vipe_ray.config import merge
+
+    config = load_config(overrides=merge(tiny_overrides, variant))
+    table = load_table(config.data.table_path()).select(config.data.train_subjects)
+    generator = torch.Generator().manual_seed(1)
+    model = build_model(config)
+    optimizer, _ = build_optimizer(config, model)
+    sampler = WindowSampler(table, config.temporal.window, config.temporal.stride)
+    metrics = train_step(model, optimizer, sampler.sample(16, generator), config, generator)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    if not config.model.probabilistic:
+        assert metrics["kl_loss"] == 0.0
+    lifter = Lifter(config.model)
+    lifter_optimizer, _ = build_optimizer(config, lifter)
+    assert lifter_step(lifter, lifter_optimizer, sampler.sample(16, generator), config, generator)["lifter_mpjpe"] > 0
+
+
+def test_training_is_deterministic_and_resume_matches_uninterrupted(tmp_path, tiny_overrides):
+    config = load_config(overrides=tiny_overrides)
+    full = train(config, tmp_path / "full", progress=lambda _: None)
+    again = train(config, tmp_path / "again", progress=lambda _: None)
+    assert full["prvipe"]["loss"] == again["prvipe"]["loss"]
+
+    # Interrupt after 3 steps (a checkpoint), then resume to 6 with the same config.
+    short = load_config(overrides={**tiny_overrides, "optim": {**tiny_overrides["optim"], "steps": 3}})
+    train(short, tmp_path / "resumed", progress=lambda _: None)
+    payload = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    payload["config"]["optim"]["steps"] = 6  # the run was cut short; its schedule is otherwise the same
+    torch.save(payload, tmp_path / "resumed" / "checkpoint.pt")
+    (tmp_path / "resumed" / "lifter.pt").unlink()
+    messages = []
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=messages.append)
+    assert any("resumed from" in m and "step 3" in m for m in messages)
+    assert resumed["prvipe"]["steps"] == 6
+
+
+def test_resume_is_exact_after_a_crash(tmp_path, tiny_overrides):
+    """A run killed after a checkpoint continues bit-identically: model, optimizer and RNG are restored."""
+    config = load_config(overrides=tiny_overrides)
+    reference = train(config, tmp_path / "ref", progress=lambda _: None)
+    ref_model = load_checkpoint(tmp_path / "ref").model
+
+    crashed = tmp_path / "crashed"
+    calls = {"n": 0}
+
+    def crash_after_checkpoint(message: str) -> None:
+        calls["n"] += 1
+        if "step 4/" in message:  # log line after the step-3 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, crashed, progress=crash_after_checkpoint)
+    assert load_checkpoint(crashed).step == 3
+    resumed = train(config, crashed, resume=True, progress=lambda _: None)
+    assert resumed["prvipe"]["loss"] == pytest.approx(reference["prvipe"]["loss"], abs=0)
+    for a, b in zip(ref_model.state_dict().values(), load_checkpoint(crashed).model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path, tiny_overrides):
+    config = load_config(overrides=tiny_overrides)
+    train(config, tmp_path / "run", progress=lambda _: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path / "run", progress=lambda _: None)
+    other = load_config(overrides={**tiny_overrides, "seed": 5})
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="different config"):
+        train(other, tmp_path / "run", resume=True, progress=lambda _: None)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before, "a refused resume leaves the checkpoint alone"
+
+
+def test_checkpoint_contents(tmp_path, tiny_overrides):
+    config = load_config(overrides=tiny_overrides)
+    train(config, tmp_path / "run", progress=lambda _: None)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 6
+    assert ckpt.config == config
+    assert ckpt.data_checksum == load_table(config.data.table_path()).checksum
+    assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt.payload)
+    assert not ckpt.model.training
+    lifter = load_checkpoint(tmp_path / "run", kind="lifter")
+    assert lifter.step == 6
+    lines = (tmp_path / "run" / "prvipe_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [2, 4, 6]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["steps"] == 6
+    with pytest.raises(ValueError, match="not a vipe-ray lifter"):
+        load_checkpoint(tmp_path / "run" / "checkpoint.pt", kind="lifter")
+
+
+def test_cli_train_and_evaluate(tmp_path, tiny_overrides, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_overrides))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "optim.steps=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "[prvipe] step 4/4" in printed and "[lifter] step 4/4" in printed
+    result_path = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out), "--json", str(result_path), "--subjects", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "Hit@1" in printed and "nn2d" in printed
+    result = json.loads(result_path.read_text())
+    assert set(result["rigs"]) == {"h36m", "novel"}
+    for rig in result["rigs"].values():
+        assert set(rig) == {"prvipe", "prvipe_mean", "nn2d", "lift3d"}
+        for hits in rig.values():
+            values = [hits[f"hit@{k}"] for k in (1, 5, 10, 20)]
+            assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 3\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "model.widht" in err
+    assert not (tmp_path / "x").exists(), "a rejected config writes nothing"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no prvipe checkpoint" in capsys.readouterr().err

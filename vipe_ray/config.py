@@ -1,0 +1,379 @@
+"""Training configuration: typed, frozen dataclasses loaded from YAML with validation.
+
+Every field has the reference's default unless noted; a YAML file only names what it changes. Unknown keys
+and values of the wrong type are rejected with the key's dotted path, e.g. ``model.widht: unknown key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vipe_ray import REPO_ROOT
+from vipe_ray.cameras import RIGS, CameraRanges
+from vipe_ray.mining import MODES
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the poses come from and how subjects are split (never by frame)."""
+
+    table: str = "data/cmu_h36m17_30fps.parquet"
+    train_subjects: tuple[str, ...] = ("01", "02", "05", "16", "49", "93", "105")
+    val_subjects: tuple[str, ...] = ("09", "10")
+    test_subjects: tuple[str, ...] = ("06", "13")
+
+    def __post_init__(self) -> None:
+        sets = {"train_subjects": self.train_subjects, "val_subjects": self.val_subjects,
+                "test_subjects": self.test_subjects}
+        if not self.train_subjects:
+            raise ConfigError("data.train_subjects: must name at least one subject")
+        for a, b in (("train_subjects", "val_subjects"), ("train_subjects", "test_subjects"),
+                     ("val_subjects", "test_subjects")):
+            shared = sorted(set(sets[a]) & set(sets[b]))
+            if shared:
+                raise ConfigError(f"data.{a} and data.{b}: subjects {shared} are in both; splits must be disjoint")
+
+    def table_path(self) -> Path:
+        """The table path; relative paths resolve against the working directory, then the source checkout."""
+        path = Path(self.table).expanduser()
+        if path.is_absolute() or path.exists():
+            return path
+        return REPO_ROOT / path
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """Views of each training pose. ``augmentation`` draws random cameras; off, views come from ``fixed_rig``."""
+
+    augmentation: bool = True
+    azimuth: tuple[float, float] = (-180.0, 180.0)
+    elevation: tuple[float, float] = (-30.0, 30.0)
+    roll: tuple[float, float] = (-30.0, 30.0)
+    distance: tuple[float, float] = (2.5, 6.0)
+    fixed_rig: str = "h36m"
+
+    def __post_init__(self) -> None:
+        if self.fixed_rig not in RIGS:
+            raise ConfigError(f"cameras.fixed_rig: {self.fixed_rig!r} is not one of {sorted(RIGS)}")
+        try:
+            self.ranges()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def ranges(self) -> CameraRanges:
+        return CameraRanges(self.azimuth, self.elevation, self.roll, self.distance)
+
+
+@dataclass(frozen=True)
+class KeypointDropoutConfig:
+    """Keypoint dropout: ``independent`` drops single keypoints, ``structured`` occludes joint groups together.
+
+    An instance is picked with ``instance_prob``; then each keypoint is dropped with ``keypoint_prob``
+    (independent) and/or one random occlusion group is hidden (structured). Dropped keypoints are zeroed and
+    flagged in the visibility mask that the model reads.
+    """
+
+    mode: Literal["off", "independent", "structured", "both"] = "off"
+    instance_prob: float = 0.3
+    keypoint_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("instance_prob", "keypoint_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"keypoint_dropout.{name}: {v} is not a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    """Temporal embedding: ``frames`` consecutive poses (``stride`` table frames apart) give one embedding."""
+
+    enabled: bool = False
+    frames: int = 7
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.frames < 2 or self.frames % 2 == 0:
+            raise ConfigError(f"temporal.frames: {self.frames} must be an odd number >= 3 (centred windows)")
+        if self.stride < 1:
+            raise ConfigError(f"temporal.stride: {self.stride} must be >= 1")
+
+    @property
+    def window(self) -> int:
+        return self.frames if self.enabled else 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Residual MLP backbone (Martinez-style) with a Gaussian embedding head."""
+
+    width: int = 1024
+    blocks: int = 2
+    dropout: float = 0.3
+    embedding_dim: int = 16
+    samples: int = 20
+    probabilistic: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("width", "embedding_dim", "samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: {getattr(self, name)} must be >= 1")
+        if self.blocks < 0:
+            raise ConfigError(f"model.blocks: {self.blocks} must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Sigmoid initialisation and loss weights (reference values)."""
+
+    a_init: float = math.exp(-0.65)
+    b_init: float = -0.5
+    smoothing: float = 0.1
+    margin: float = math.log(2.0)
+    positive_weight: float = 0.005
+    kl_weight: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.a_init <= 0:
+            raise ConfigError(f"loss.a_init: {self.a_init} must be > 0 (a = ELU(raw) + 1 is positive)")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"loss.smoothing: {self.smoothing} must lie in [0, 1)")
+        for name in ("margin", "positive_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}: {getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """Triplet mining: kappa (NP-MPJPE, torso units) separates negatives; see :mod:`vipe_ray.mining`."""
+
+    kappa: float = 0.1
+    mode: str = "semi_hard"
+    hard_negative_ratio: float = 1.0
+    #: Embedding samples per pose used to rank candidates (0 = all K, the reference). The chosen triplets'
+    #: losses always use all K samples; ranking with fewer cuts the K^2 x batch^2 kernel on small machines.
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kappa <= 0:
+            raise ConfigError(f"mining.kappa: {self.kappa} must be > 0")
+        if self.mode not in MODES:
+            raise ConfigError(f"mining.mode: {self.mode!r} is not one of {list(MODES)}")
+        if not 0.0 < self.hard_negative_ratio <= 1.0:
+            raise ConfigError(f"mining.hard_negative_ratio: {self.hard_negative_ratio} must lie in (0, 1]")
+        if self.samples < 0:
+            raise ConfigError(f"mining.samples: {self.samples} must be >= 0 (0 = all embedding samples)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation. The reference uses Adagrad 0.02 for 5M steps; a CPU budget wants Adam."""
+
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    lr: float = 1e-3
+    lr_final_fraction: float = 0.1
+    weight_decay: float = 0.0
+    steps: int = 3000
+    batch_size: int = 256
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: {self.lr} must be > 0")
+        if not 0.0 < self.lr_final_fraction <= 1.0:
+            raise ConfigError(f"optim.lr_final_fraction: {self.lr_final_fraction} must lie in (0, 1]")
+        if self.steps < 1:
+            raise ConfigError(f"optim.steps: {self.steps} must be >= 1")
+        if self.batch_size < 4:
+            raise ConfigError(f"optim.batch_size: {self.batch_size} must be >= 4 (negatives come from the batch)")
+        if self.jitter < 0:
+            raise ConfigError(f"optim.jitter: {self.jitter} must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Cross-view retrieval protocol."""
+
+    rigs: tuple[str, ...] = ("h36m", "novel")
+    every: int = 24
+    kappa: float = 0.1
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    max_queries: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.rigs if r not in RIGS]
+        if bad:
+            raise ConfigError(f"eval.rigs: {bad} not among {sorted(RIGS)}")
+        if self.every < 1:
+            raise ConfigError(f"eval.every: {self.every} must be >= 1 (source frames between queries)")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"eval.ks: {list(self.ks)} must be positive integers")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    keypoint_dropout: KeypointDropoutConfig = field(default_factory=KeypointDropoutConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lifter_baseline: bool = True
+    log_every: int = 50
+    checkpoint_every: int = 500
+    val_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.val_every < 0:
+            raise ConfigError(f"val_every: {self.val_every} must be >= 0 (0 = only at the end)")
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check and convert one YAML value to the annotated type; raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        # Subject ids like 05 must stay strings; YAML would read a bare 5 as an int.
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value) if isinstance(value, str) else f"{value:02d}"
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+def config_from_dict(values: dict | None, source: str = "<dict>") -> TrainConfig:
+    """Build a validated :class:`TrainConfig`; errors name ``source`` and the key."""
+    try:
+        return _build(TrainConfig, values or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Load a YAML config (the shipped default without ``path``), then apply nested ``overrides``."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(values).__name__}")
+    if overrides:
+        values = merge(values, overrides)
+    return config_from_dict(values, str(path))
+
+
+def merge(base: dict, updates: dict) -> dict:
+    """Nested dict merge (``updates`` wins)."""
+    out = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists), the inverse of :func:`config_from_dict`."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (for logging parameters)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,170 @@
+"""Pose tables: reading the converted motion capture, subject splits, training windows and evaluation frames.
+
+A pose table (written by ``vipe-ray convert``) has one row per frame: ``subject``, ``clip``, ``frame`` (index
+in the source file) and ``joints3d`` (``[17, 3]`` float32 metres, Human3.6M order, z up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vipe_ray.keypoints import H36M17_JOINTS, NUM_JOINTS_3D
+
+SOURCE_FPS = 120
+METADATA_KEY = b"vipe_ray"
+
+
+class DataError(ValueError):
+    """A pose table that cannot be used; the message names the file, column and value."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PoseTable:
+    """Frames of a pose table, as arrays: ``joints`` ``[rows, 17, 3]``; ``subject``/``clip`` ``[rows]`` str;
+    ``frame`` ``[rows]`` int (source frame index); ``fps`` of the table; ``checksum`` (sha256 of the file)."""
+
+    subject: np.ndarray
+    clip: np.ndarray
+    frame: np.ndarray
+    joints: np.ndarray
+    fps: int
+    checksum: str
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted(set(self.subject.tolist()))
+
+    def select(self, subjects: tuple[str, ...] | list[str]) -> "PoseTable":
+        """Rows of the given subjects (each must be present)."""
+        missing = sorted(set(subjects) - set(self.subject.tolist()))
+        if missing:
+            raise DataError(f"{self.path}: subjects {missing} not in the table (has {self.subjects})")
+        keep = np.isin(self.subject, list(subjects))
+        return PoseTable(self.subject[keep], self.clip[keep], self.frame[keep], self.joints[keep],
+                         self.fps, self.checksum, self.path)
+
+    @property
+    def frame_step(self) -> int:
+        """Source frames between consecutive table rows of a clip."""
+        return SOURCE_FPS // self.fps
+
+
+def table_to_arrays(table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Columns of a pose table (or a batch of it) as numpy; validates the joints column."""
+    for name in ("subject", "clip", "frame", "joints3d"):
+        if name not in table.column_names:
+            raise DataError(f"{where}: missing column {name!r} (has {table.column_names})")
+    column = table.column("joints3d").combine_chunks()
+    try:
+        flat = column.flatten().flatten().to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, AttributeError) as exc:
+        raise DataError(f"{where}: column 'joints3d' is not a [17, 3] float list ({column.type})") from exc
+    if len(flat) != len(table) * NUM_JOINTS_3D * 3:
+        raise DataError(f"{where}: column 'joints3d' has {len(flat)} values for {len(table)} rows; "
+                        f"expected {NUM_JOINTS_3D} joints x 3 per row ({column.type})")
+    joints = flat.astype(np.float32).reshape(len(table), NUM_JOINTS_3D, 3)
+    finite = np.isfinite(joints).all(axis=(1, 2))
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise DataError(f"{where}: column 'joints3d' row {row} holds a non-finite value")
+    subject = np.asarray(table.column("subject").to_pylist(), dtype=object).astype(str)
+    clip = np.asarray(table.column("clip").to_pylist(), dtype=object).astype(str)
+    frame = table.column("frame").to_numpy().astype(np.int64)
+    return subject, clip, frame, joints
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The table's ``vipe_ray`` schema metadata (joint names, fps, sources)."""
+    schema = pq.read_schema(path)
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise DataError(f"{path}: no '{METADATA_KEY.decode()}' schema metadata; convert it with `vipe-ray convert`")
+    return json.loads(raw)
+
+
+def load_table(path: str | Path) -> PoseTable:
+    """Read and validate a pose table."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: pose table not found (convert raw motion capture with `vipe-ray convert`)")
+    try:
+        meta = read_metadata(path)
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    if tuple(meta.get("joints", ())) != H36M17_JOINTS:
+        raise DataError(f"{path}: metadata joints {meta.get('joints')} differ from the Human3.6M-17 profile")
+    fps = int(meta.get("fps", 0))
+    if fps <= 0 or SOURCE_FPS % fps:
+        raise DataError(f"{path}: metadata fps {meta.get('fps')!r} must divide {SOURCE_FPS}")
+    subject, clip, frame, joints = table_to_arrays(table, str(path))
+    return PoseTable(subject, clip, frame, joints, fps, file_sha256(path), str(path))
+
+
+def clip_bounds(clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by clip: the first and last row index of each row's clip, ``[rows]`` each."""
+    change = np.flatnonzero(clip[1:] != clip[:-1]) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [len(clip)]]) - 1
+    lengths = ends - starts + 1
+    return np.repeat(starts, lengths), np.repeat(ends, lengths)
+
+
+def window_rows(table: PoseTable, rows: np.ndarray, frames: int, stride: int) -> np.ndarray:
+    """Row indices of windows centred on ``rows``: ``[n] -> [n, frames]``, clamped inside each clip."""
+    first, last = clip_bounds(table.clip)
+    offsets = (np.arange(frames) - frames // 2) * stride
+    idx = rows[:, None] + offsets[None, :]
+    return np.clip(idx, first[rows][:, None], last[rows][:, None])
+
+
+class WindowSampler:
+    """Draws random training windows ``[batch, frames, 17, 3]`` (frames = 1 without temporal embedding)."""
+
+    def __init__(self, table: PoseTable, frames: int = 1, stride: int = 1):
+        if len(table) == 0:
+            raise DataError(f"{table.path}: no rows to sample from")
+        self.table, self.frames, self.stride = table, frames, stride
+        self.joints = torch.from_numpy(table.joints)
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        rows = torch.randint(len(self.table), (batch,), generator=generator).numpy()
+        return self.windows(rows)
+
+    def windows(self, rows: np.ndarray) -> torch.Tensor:
+        idx = window_rows(self.table, rows, self.frames, self.stride)
+        return self.joints[torch.from_numpy(idx)]
+
+
+def evaluation_rows(table: PoseTable, every: int = 24, max_rows: int = 0) -> np.ndarray:
+    """Rows used as retrieval queries: source frames that are multiples of ``every`` (24 of 120 Hz = 5 Hz).
+
+    ``max_rows`` > 0 keeps an evenly spaced subset (for quick validation).
+    """
+    if every % table.frame_step:
+        raise DataError(f"{table.path}: eval every {every} source frames is not a multiple of the table's "
+                        f"frame step {table.frame_step} ({table.fps} fps)")
+    rows = np.flatnonzero(table.frame % every == 0)
+    if max_rows and len(rows) > max_rows:
+        rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(int)]
+    return rows

@@ -1,0 +1,41 @@
+"""Keypoint dropout: simulate missed detections (independent) and occlusion (structured joint groups).
+
+An instance is selected with ``instance_prob``. Independent dropout then hides each keypoint with
+``keypoint_prob``; structured dropout hides one whole occlusion group (an arm, a leg, the lower body, ...).
+The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vipe_ray.config import KeypointDropoutConfig
+from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
+
+_GROUP_MASKS = torch.zeros(len(OCCLUSION_GROUPS), NUM_KEYPOINTS_2D, dtype=torch.bool)
+for _g, _members in enumerate(OCCLUSION_GROUPS.values()):
+    _GROUP_MASKS[_g, list(_members)] = True
+
+
+def keypoint_visibility(shape: tuple[int, ...], config: KeypointDropoutConfig,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Visibility ``[*shape, 13]`` bool; ``shape`` is the batch shape (``[batch]`` or ``[batch, frames]``).
+
+    A temporal window shares one draw over its frames (an occluder stays for the whole window).
+    """
+    batch = shape[0]
+    hidden = torch.zeros(batch, NUM_KEYPOINTS_2D, dtype=torch.bool)
+    if config.mode != "off":
+        picked = torch.rand(batch, generator=generator) < config.instance_prob
+        if config.mode in ("independent", "both"):
+            hidden |= torch.rand(batch, NUM_KEYPOINTS_2D, generator=generator) < config.keypoint_prob
+        if config.mode in ("structured", "both"):
+            group = torch.randint(len(OCCLUSION_GROUPS), (batch,), generator=generator)
+            hidden |= _GROUP_MASKS[group]
+        hidden &= picked[:, None]
+    visible = ~hidden
+    if len(shape) == 2:
+        visible = visible[:, None, :].expand(batch, shape[1], NUM_KEYPOINTS_2D)
+    elif len(shape) != 1:
+        raise ValueError(f"batch shape must be [batch] or [batch, frames], got {list(shape)}")
+    return visible

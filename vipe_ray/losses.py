@@ -1,0 +1,103 @@
+"""Pr-VIPE's match probability and losses.
+
+Match probability between two embeddings (each K samples of a Gaussian, or one point)::
+
+    p(z1, z2) = (1 - s) * sigmoid(-a * |z1 - z2| + b) + s / 2,      a = ELU(a_raw) + 1 > 0
+    P(e1, e2) = mean of p over the K x K sample pairs;   kernel distance d = -log P
+
+Smoothing ``s`` keeps P in (s/2, 1 - s/2), so d never reaches log(0). Losses:
+
+* triplet ratio loss ``max(0, d(a, p) - d(a, n) + margin)`` averaged over active triplets (margin ln 2 asks
+  P(a, p) >= 2 P(a, n));
+* positive pairwise loss ``d(a, p)``, averaged over the batch;
+* Gaussian prior ``KL(N(mu, diag sigma^2) || N(0, I))``, averaged over all embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def a_to_raw(a: float) -> float:
+    """Inverse of ``a = ELU(raw) + 1`` for a > 0."""
+    if a <= 0:
+        raise ValueError(f"sigmoid slope a must be positive, got {a}")
+    return a - 1.0 if a >= 1.0 else math.log(a)
+
+
+class MatchProbability(nn.Module):
+    """The trainable sigmoid ``p = (1-s) sigmoid(-a d + b) + s/2`` with a > 0."""
+
+    def __init__(self, a_init: float = math.exp(-0.65), b_init: float = -0.5, smoothing: float = 0.1):
+        super().__init__()
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
+        self.a_raw = nn.Parameter(torch.tensor(a_to_raw(a_init)))
+        self.b = nn.Parameter(torch.tensor(float(b_init)))
+        self.smoothing = smoothing
+
+    @property
+    def a(self) -> torch.Tensor:
+        return F.elu(self.a_raw) + 1.0
+
+    def from_distance(self, distance: torch.Tensor) -> torch.Tensor:
+        """``p`` for Euclidean sample distances (any shape)."""
+        s = self.smoothing
+        return (1.0 - s) * torch.sigmoid(-self.a * distance + self.b) + 0.5 * s
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Paired probabilities: ``[batch, K1, D] x [batch, K2, D] -> [batch]`` (mean over the K1 x K2 pairs)."""
+        distance = torch.cdist(z1, z2, compute_mode="donot_use_mm_for_euclid_dist")
+        return self.from_distance(distance).mean((-1, -2))
+
+    @torch.no_grad()
+    def pairwise(self, z1: torch.Tensor, z2: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """All pairs: ``[n, K1, D] x [m, K2, D] -> [n, m]``, vectorized in row chunks to bound memory."""
+        n, k1, _ = z1.shape
+        m, k2, _ = z2.shape
+        flat2 = z2.reshape(m * k2, -1)
+        sq2 = (flat2 ** 2).sum(-1)
+        out = torch.empty(n, m, dtype=z1.dtype, device=z1.device)
+        for start in range(0, n, chunk):
+            flat1 = z1[start:start + chunk].reshape(-1, z1.shape[-1])
+            # Squared distances by one matrix product; clamp rounding below zero before the root.
+            sq = (flat1 ** 2).sum(-1)[:, None] + sq2[None, :] - 2.0 * flat1 @ flat2.T
+            p = self.from_distance(sq.clamp_min(0.0).sqrt())
+            out[start:start + chunk] = p.reshape(-1, k1, m, k2).mean((1, 3))
+        return out
+
+
+def kernel_distance(probability: torch.Tensor) -> torch.Tensor:
+    """``d = -log P`` (same shape)."""
+    return -torch.log(probability)
+
+
+def triplet_ratio_loss(d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor,
+                       margin: float = math.log(2.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triplet loss on kernel distances, averaged over active triplets only.
+
+    Args:
+        d_ap, d_an: ``[batch]`` anchor-positive and anchor-negative kernel distances.
+        valid: ``[batch]`` bool, whether the anchor has a negative at all.
+    Returns:
+        (loss scalar, active mask ``[batch]``); the loss is 0 when no triplet is active.
+    """
+    per = torch.relu(d_ap - d_an + margin) * valid
+    active = per > 0
+    count = active.sum()
+    loss = per.sum() / count.clamp_min(1)
+    return loss, active
+
+
+def positive_pairwise_loss(d_ap: torch.Tensor) -> torch.Tensor:
+    """Mean anchor-positive kernel distance: ``[batch] -> scalar``."""
+    return d_ap.mean()
+
+
+def gaussian_kl(mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Mean over embeddings of ``KL(N(mean, diag sigma^2) || N(0, I))``: ``[batch, D] x2 -> scalar``."""
+    return 0.5 * (sigma ** 2 + mean ** 2 - 1.0 - 2.0 * torch.log(sigma)).sum(-1).mean()

@@ -1,0 +1,21 @@
+"""Errors raised by the motion-capture parsers."""
+
+from __future__ import annotations
+
+
+class MocapFormatError(ValueError):
+    """A raw motion-capture file is malformed.
+
+    The message always has the form ``<path>:<line>: <what is wrong, quoting the value>``
+    where ``<line>`` is 1-based (0 when the problem is not tied to one line, e.g. a
+    missing section detected at end of file is reported at the last line instead).
+    """
+
+    def __init__(self, path: str, line: int, message: str):
+        self.path = str(path)
+        self.line = int(line)
+        self.detail = message
+        super().__init__(f"{self.path}:{self.line}: {message}")
+
+    def __reduce__(self):  # keep picklable (e.g. across process pools)
+        return (type(self), (self.path, self.line, self.detail))

@@ -1,0 +1,127 @@
+"""Pr-VIPE embedder and the 3D-lifting baseline.
+
+Input features of one pose: its 13 normalized 2D keypoints (dropped ones zeroed) and their 13 visibility
+flags, ``[..., 39]``. The backbone is the Martinez "simple baseline": FC(width) then residual blocks of two
+FC layers, each FC = Linear -> BatchNorm -> ReLU -> Dropout. The Gaussian head gives a mean and a diagonal
+sigma = ELU(raw) + 1; the deterministic variant (ablation) gives a point.
+
+Temporal embedding (late fusion, as the reference): a shared per-frame backbone, the frames' features
+concatenated, one FC + one residual block, then the heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vipe_ray.config import LossConfig, ModelConfig
+from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
+from vipe_ray.losses import MatchProbability
+
+FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
+
+
+def pose_features(keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Model input: ``[..., 13, 2]`` normalized keypoints and ``[..., 13]`` bool -> ``[..., 39]``."""
+    vis = visible.to(keypoints.dtype)
+    return torch.cat([(keypoints * vis[..., None]).flatten(-2), vis], dim=-1)
+
+
+class FullyConnected(nn.Sequential):
+    def __init__(self, fan_in: int, fan_out: int, dropout: float):
+        super().__init__(nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out), nn.ReLU(), nn.Dropout(dropout))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.layers = nn.Sequential(FullyConnected(width, width, dropout), FullyConnected(width, width, dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+class Backbone(nn.Sequential):
+    """``[batch, fan_in] -> [batch, width]``."""
+
+    def __init__(self, fan_in: int, width: int, blocks: int, dropout: float):
+        super().__init__(FullyConnected(fan_in, width, dropout), *[ResidualBlock(width, dropout) for _ in range(blocks)])
+
+
+@dataclass
+class Embedding:
+    """A batch of embeddings: ``mean`` ``[batch, D]``, ``sigma`` ``[batch, D]`` (None for points)."""
+
+    mean: torch.Tensor
+    sigma: torch.Tensor | None
+
+    def sample(self, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterized samples ``[batch, k, D]`` (the mean itself, k = 1, for point embeddings)."""
+        if self.sigma is None:
+            return self.mean[:, None, :]
+        eps = torch.randn((*self.mean.shape[:-1], k, self.mean.shape[-1]), generator=generator,
+                          dtype=self.mean.dtype).to(self.mean.device)
+        return self.mean[:, None, :] + self.sigma[:, None, :] * eps
+
+
+class PrVipe(nn.Module):
+    """Maps 2D pose features to a Gaussian embedding; also holds the trainable match probability (a, b).
+
+    ``forward``: ``[batch, 39]`` or temporal ``[batch, frames, 39]`` -> (mean ``[batch, D]``, sigma ``[batch, D]``);
+    sigma is a tensor of ones' shape but ignored when ``probabilistic`` is off.
+    """
+
+    def __init__(self, model: ModelConfig, loss: LossConfig, frames: int = 1):
+        super().__init__()
+        self.config = model
+        self.frames = frames
+        self.base = Backbone(FEATURES_PER_POSE, model.width, model.blocks, model.dropout)
+        if frames > 1:
+            self.fuse = nn.Sequential(FullyConnected(frames * model.width, model.width, model.dropout),
+                                      ResidualBlock(model.width, model.dropout))
+        self.mean_head = nn.Linear(model.width, model.embedding_dim)
+        self.sigma_head = nn.Linear(model.width, model.embedding_dim) if model.probabilistic else None
+        self.match = MatchProbability(loss.a_init, loss.b_init, loss.smoothing)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frames > 1:
+            if features.ndim != 3 or features.shape[1] != self.frames or features.shape[2] != FEATURES_PER_POSE:
+                raise ValueError(f"temporal model expects [batch, {self.frames}, {FEATURES_PER_POSE}], "
+                                 f"got {list(features.shape)}")
+            b = features.shape[0]
+            h = self.base(features.reshape(b * self.frames, -1)).reshape(b, -1)
+            h = self.fuse(h)
+        else:
+            if features.ndim == 3 and features.shape[1] == 1:
+                features = features[:, 0]
+            if features.ndim != 2 or features.shape[1] != FEATURES_PER_POSE:
+                raise ValueError(f"model expects [batch, {FEATURES_PER_POSE}], got {list(features.shape)}")
+            h = self.base(features)
+        mean = self.mean_head(h)
+        if self.sigma_head is None:
+            return mean, torch.ones_like(mean)
+        return mean, F.elu(self.sigma_head(h)) + 1.0
+
+    def embed(self, features: torch.Tensor) -> Embedding:
+        mean, sigma = self(features)
+        return Embedding(mean, sigma if self.config.probabilistic else None)
+
+
+class Lifter(nn.Module):
+    """3D-lifting baseline: the same backbone regressing the normalized 3D pose in the camera frame.
+
+    ``[batch, 39]`` (or ``[batch, frames, 39]``, centre frame used) -> ``[batch, 17, 3]``.
+    """
+
+    def __init__(self, model: ModelConfig):
+        super().__init__()
+        self.base = Backbone(FEATURES_PER_POSE, model.width, model.blocks, model.dropout)
+        self.head = nn.Linear(model.width, NUM_JOINTS_3D * 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 3:
+            features = features[:, features.shape[1] // 2]
+        return self.head(self.base(features)).reshape(-1, NUM_JOINTS_3D, 3)

@@ -1,0 +1,299 @@
+"""Training: the Pr-VIPE step, the 3D-lifter baseline step, and a resumable single-process loop.
+
+:func:`train_step` is the unit of work: one batch of 3D poses in, one optimizer step out. The Ray Train loop
+calls the same function inside each DDP worker; :func:`train` is the plain single-process driver behind
+``vipe-ray train``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from vipe_ray import log
+from vipe_ray.cameras import RIGS, Orbits, camera_frame, sample_orbits
+from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from vipe_ray.data import PoseTable, WindowSampler, load_table
+from vipe_ray.keypoints import normalize_3d
+from vipe_ray.losses import gaussian_kl, kernel_distance, triplet_ratio_loss
+from vipe_ray.matching import pairwise_np_mpjpe
+from vipe_ray.mining import candidate_mask, mine_negatives
+from vipe_ray.model import Lifter, PrVipe
+from vipe_ray.views import view_features
+
+CHECKPOINT = "checkpoint.pt"
+LIFTER_CHECKPOINT = "lifter.pt"
+FORMAT = "vipe-ray/1"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def build_model(config: TrainConfig) -> PrVipe:
+    return PrVipe(config.model, config.loss, frames=config.temporal.window)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module):
+    """Optimizer and a cosine decay to ``lr * lr_final_fraction`` over the run."""
+    o = config.optim
+    if o.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        optimizer = torch.optim.Adagrad(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+    def factor(step: int) -> float:
+        progress = min(step / o.steps, 1.0)
+        return o.lr_final_fraction + (1 - o.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def training_views(batch: int, config: TrainConfig, generator: torch.Generator) -> tuple[Orbits, Orbits]:
+    """Cameras of the anchor and positive views: random cameras, or two different cameras of the fixed rig."""
+    if config.cameras.augmentation:
+        ranges = config.cameras.ranges()
+        return sample_orbits(batch, ranges, generator), sample_orbits(batch, ranges, generator)
+    rig = Orbits.from_cameras(RIGS[config.cameras.fixed_rig])
+    count = rig.azimuth.shape[0]
+    first = torch.randint(count, (batch,), generator=generator)
+    second = (first + torch.randint(1, count, (batch,), generator=generator)) % count
+
+    def pick(index: torch.Tensor) -> Orbits:
+        return Orbits(rig.azimuth[index], rig.elevation[index], rig.distance[index], rig.roll[index])
+
+    return pick(first), pick(second)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
+               config: TrainConfig, generator: torch.Generator,
+               timer: Callable[[str], None] | None = None) -> dict[str, float]:
+    """One Pr-VIPE optimisation step on a batch of 3D poses.
+
+    Args:
+        model: a :class:`PrVipe`, possibly wrapped in DistributedDataParallel.
+        joints3d: ``[batch, frames, 17, 3]`` world joints in metres (frames = 1 without temporal embedding).
+        generator: CPU generator for cameras, dropout, sampling and mining (the step's only randomness
+            besides the model's dropout layers).
+        timer: optional callback marking phase boundaries ("views", "mining", "forward", "backward").
+    Returns:
+        Scalar metrics of the step (losses, a, b, active-triplet share, ...).
+    """
+    mark = timer or (lambda _name: None)
+    module = unwrap(model)
+    device = next(module.parameters()).device
+    b = joints3d.shape[0]
+    orbits_a, orbits_p = training_views(b, config, generator)
+    jitter = config.optim.jitter
+    feats = torch.cat([
+        view_features(joints3d, orbits_a, config.keypoint_dropout, jitter, generator),
+        view_features(joints3d, orbits_p, config.keypoint_dropout, jitter, generator),
+    ]).to(device)
+    mark("views")
+    # Anchor i and positive j show the 3D poses i and j, so one pose-by-pose matrix labels all pairs.
+    poses = joints3d.to(device)
+    candidates = candidate_mask(pairwise_np_mpjpe(poses, poses), config.mining.kappa)
+    mark("mining")
+
+    model.train()
+    mean, sigma = model(feats)
+    k = config.model.samples if config.model.probabilistic else 1
+    eps = torch.randn((2 * b, k, mean.shape[-1]), generator=generator).to(device)
+    samples = mean[:, None, :] + (sigma[:, None, :] * eps if config.model.probabilistic else 0.0)
+    z_a, z_p = samples[:b], samples[b:]
+    match = module.match
+    rank_k = config.mining.samples or k
+    kernel = kernel_distance(match.pairwise(z_a[:, :rank_k].detach(), z_p[:, :rank_k].detach()))
+    negatives = mine_negatives(kernel, kernel.diagonal(), candidates, config.mining.mode,
+                               config.mining.hard_negative_ratio, generator)
+    d_ap = kernel_distance(match(z_a, z_p))
+    d_an = kernel_distance(match(z_a, z_p[negatives.index]))
+    triplet, active = triplet_ratio_loss(d_ap, d_an, negatives.valid, config.loss.margin)
+    positive = d_ap.mean()
+    kl = gaussian_kl(mean, sigma) if config.model.probabilistic else torch.zeros((), device=device)
+    loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
+    mark("forward")
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    mark("backward")
+    valid = negatives.valid.float()
+    return {
+        "loss": loss.item(), "triplet_loss": triplet.item(), "positive_loss": positive.item(),
+        "kl_loss": kl.item(), "a": match.a.item(), "b": match.b.item(),
+        "active_triplets": active.float().mean().item(), "valid_negatives": valid.mean().item(),
+        "d_ap": d_ap.mean().item(),
+        "d_an": ((d_an * valid).sum() / valid.sum().clamp_min(1)).item(),
+        "sigma": sigma.mean().item() if config.model.probabilistic else 0.0,
+    }
+
+
+def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
+                config: TrainConfig, generator: torch.Generator) -> dict[str, float]:
+    """One step of the 3D-lifting baseline: same views and dropout, regress the normalized camera-frame 3D.
+
+    ``joints3d``: ``[batch, frames, 17, 3]``; the lifter reads the centre frame.
+    """
+    device = next(unwrap(model).parameters()).device
+    centre = joints3d[:, joints3d.shape[1] // 2]
+    orbits, _ = training_views(joints3d.shape[0], config, generator)
+    feats = view_features(centre[:, None], orbits, config.keypoint_dropout, config.optim.jitter, generator)
+    target = normalize_3d(camera_frame(centre.double(), orbits)).float().to(device)
+    model.train()
+    predicted = model(feats[:, 0].to(device))
+    loss = torch.linalg.vector_norm(predicted - target, dim=-1).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"lifter_mpjpe": loss.item()}
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """Write with torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model in eval mode, its config and its bookkeeping."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    step: int
+    data_checksum: str
+    payload: dict
+
+
+def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = "cpu") -> Checkpoint:
+    """Load ``checkpoint.pt`` (``kind="prvipe"``) or ``lifter.pt`` (``kind="lifter"``) from a run directory."""
+    path = Path(path)
+    file = path / (CHECKPOINT if kind == "prvipe" else LIFTER_CHECKPOINT) if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no {kind} checkpoint (train one with `vipe-ray train --out DIR`)")
+    payload = torch.load(file, map_location=map_location, weights_only=False)
+    if payload.get("format") != FORMAT or payload.get("kind") != kind:
+        raise ValueError(f"{file}: not a vipe-ray {kind} checkpoint (format {payload.get('format')!r}, "
+                         f"kind {payload.get('kind')!r})")
+    config = config_from_dict(payload["config"], str(file))
+    model: torch.nn.Module = build_model(config) if kind == "prvipe" else Lifter(config.model)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    return Checkpoint(model, config, payload["step"], payload["data_checksum"], payload)
+
+
+def _format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
+    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, table: PoseTable,
+              model: torch.nn.Module, step_fn: Callable, resume: bool, progress: Callable[[str], None],
+              log_keys: tuple[str, ...], on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Shared resumable loop of the Pr-VIPE and lifter runs."""
+    path = out / file
+    optimizer, scheduler = build_optimizer(config, model)
+    generator = torch.Generator().manual_seed(config.seed + (0 if kind == "prvipe" else 7919))
+    torch.manual_seed(config.seed)
+    step = 0
+    if path.exists():
+        if not resume:
+            raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload.get("config") != config_to_dict(config):
+            raise ConfigError(f"{path}: checkpoint was trained with a different config; resume needs the same one")
+        if payload.get("data_checksum") != table.checksum:
+            raise ConfigError(f"{path}: checkpoint data checksum {payload.get('data_checksum')} differs from "
+                              f"{table.path} ({table.checksum})")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(generator, payload["rng"])
+        step = payload["step"]
+        progress(f"[{name}] resumed from {path} at step {step}")
+    sampler = WindowSampler(table.select(config.data.train_subjects), config.temporal.window, config.temporal.stride)
+
+    def save(metrics: dict) -> None:
+        atomic_save({
+            "format": FORMAT, "kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "config": config_to_dict(config), "step": step,
+            "data_checksum": table.checksum, "data_path": table.path, "rng": rng_state(generator),
+            "metrics": metrics,
+        }, path)
+
+    total = config.optim.steps
+    start_time, start_step = time.perf_counter(), step
+    metrics: dict[str, float] = {}
+    log = (out / f"{kind}_metrics.jsonl").open("a")
+    try:
+        while step < total:
+            batch = sampler.sample(config.optim.batch_size, generator)
+            metrics = step_fn(model, optimizer, batch, config, generator)
+            scheduler.step()
+            step += 1
+            if step % config.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - start_time
+                rate = (step - start_step) / max(elapsed, 1e-9)
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                log.write(json.dumps({"step": step, **metrics}) + "\n")
+                log.flush()
+                progress(f"[{name}] step {step}/{total} {_format_metrics(metrics, log_keys)} "
+                         f"{rate:.1f} it/s eta {(total - step) / max(rate, 1e-9) / 60:.1f} min")
+                if on_log is not None:
+                    on_log(step, metrics)
+            if step % config.checkpoint_every == 0 or step == total:
+                save(metrics)
+    finally:
+        log.close()
+    return {"steps": step, "seconds": time.perf_counter() - start_time, **metrics}
+
+
+def train(config: TrainConfig, out: str | Path, resume: bool = False,
+          progress: Callable[[str], None] = log) -> dict:
+    """Train Pr-VIPE (and, unless disabled, the 3D-lifter baseline with the same data, views and budget).
+
+    Writes ``out/checkpoint.pt``, ``out/lifter.pt``, ``out/config.yaml`` and per-step metric logs.
+    Returns a summary dict.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = load_table(config.data.table_path())
+    progress(f"data: {table.path} ({len(table)} frames at {table.fps} fps, sha256 {table.checksum[:12]}); "
+             f"train subjects {list(config.data.train_subjects)}")
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    torch.manual_seed(config.seed)
+    summary = {"prvipe": _run_loop(
+        "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, resume, progress,
+        ("loss", "triplet_loss", "active_triplets", "a", "b"))}
+    if config.lifter_baseline:
+        torch.manual_seed(config.seed)
+        summary["lifter"] = _run_loop(
+            "lifter", out, LIFTER_CHECKPOINT, "lifter", config, table, Lifter(config.model), lifter_step,
+            resume, progress, ("lifter_mpjpe",))
+    return summary
