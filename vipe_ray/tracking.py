@@ -1,0 +1,173 @@
+"""MLflow tracking: one parent run per sweep, one nested run per trial, models, plots and the registry.
+
+Default store: an embedded SQLite file (``./mlflow.db``) with artifacts under ``./mlartifacts``, no server
+needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead.
+Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vipe_ray import REPO_ROOT
+from vipe_ray.config import TrainConfig
+from vipe_ray.keypoints import normalize_2d
+from vipe_ray.model import pose_features
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def default_tracking_uri(root: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute ``sqlite:///`` path under ``root``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(root) / DEFAULT_DB).resolve()}"
+
+
+def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path = ".") -> str:
+    """Experiment id of ``name``, created if needed (SQLite stores get an absolute local artifact root)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = (Path(root) / DEFAULT_ARTIFACTS).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The checkout's commit (``unknown`` outside a git checkout, e.g. a job's uploaded working dir)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class PoseEmbedder(nn.Module):
+    """The deployable model: raw COCO13 2D keypoints in, embedding mean and sigma out.
+
+    ``forward``: ``[batch, 13, 2]`` (or temporal ``[batch, frames, 13, 2]``) keypoints in any pixel unit,
+    NaN marking a missing keypoint -> ``[batch, 2 * D]`` = mean followed by sigma. Normalization
+    (hip centre, torso scale 0.5) happens inside, so callers pass detector output as is.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
+        visible = torch.isfinite(keypoints).all(-1)
+        filled = torch.where(visible[..., None], keypoints, torch.zeros_like(keypoints))
+        features = pose_features(normalize_2d(filled, visible), visible)
+        mean, sigma = self.model(features)
+        return torch.cat([mean, sigma], dim=-1)
+
+
+def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model"):
+    """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example."""
+    from mlflow.models import infer_signature
+
+    embedder = PoseEmbedder(model).eval()
+    with torch.no_grad():
+        output = embedder(example)
+    return mlflow.pytorch.log_model(
+        embedder, name=name, serialization_format="pickle",
+        signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
+        pip_requirements=["torch==2.13.0"], code_paths=[str(Path(__file__).resolve().parent)],
+    )
+
+
+def hit_plot(result: dict, path: Path) -> Path:
+    """Bar chart of Hit@k per rig and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rigs = list(result["rigs"])
+    fig, axes = plt.subplots(1, len(rigs), figsize=(5 * len(rigs), 3.5), squeeze=False)
+    for ax, rig in zip(axes[0], rigs):
+        methods = result["rigs"][rig]
+        ks = sorted(int(k.split("@")[1]) for k in next(iter(methods.values())))
+        width = 0.8 / len(methods)
+        for i, (method, hits) in enumerate(methods.items()):
+            ax.bar(np.arange(len(ks)) + i * width, [100 * hits[f"hit@{k}"] for k in ks], width, label=method)
+        ax.set_xticks(np.arange(len(ks)) + 0.4 - width / 2, [f"Hit@{k}" for k in ks])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("%")
+        ax.set_title(f"rig {rig}: {result['queries']} queries")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+_BONES = [(1, 3), (3, 5), (2, 4), (4, 6), (1, 2), (7, 8), (1, 7), (2, 8), (7, 9), (9, 11), (8, 10), (10, 12), (0, 1), (0, 2)]
+
+
+def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, queries: int = 4) -> Path:
+    """Query 2D poses from one camera of the ``h36m`` rig and their top-3 retrievals from another camera."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vipe_ray.cameras import RIGS, Orbits
+    from vipe_ray.data import evaluation_rows, window_rows
+    from vipe_ray.matching import pairwise_np_mpjpe
+    from vipe_ray.views import normalized_view
+
+    rows = evaluation_rows(table, config.eval.every, 200)
+    frames, stride = config.temporal.window, config.temporal.stride
+    joints = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
+    views = []
+    for camera in RIGS["h36m"][:2]:
+        keypoints = normalized_view(joints, Orbits.from_cameras([camera]).expand(len(rows)))
+        feats = pose_features(keypoints, torch.ones(keypoints.shape[:-1], dtype=torch.bool))
+        model.eval()
+        with torch.no_grad():
+            mean, _ = model(feats)
+        views.append((keypoints[:, frames // 2], mean))
+    centre = joints[:, frames // 2]
+    distance = torch.cdist(views[0][1], views[1][1])
+    match = pairwise_np_mpjpe(centre, centre).T <= config.eval.kappa
+    picks = np.linspace(0, len(rows) - 1, queries).round().astype(int)
+    fig, axes = plt.subplots(queries, 4, figsize=(8, 2.2 * queries), squeeze=False)
+    for r, q in enumerate(picks):
+        top = distance[q].topk(3, largest=False).indices.tolist()
+        panels = [(views[0][0][q], "query (cam 45°)", "black")]
+        panels += [(views[1][0][i], f"#{n + 1} (cam 135°)", "green" if match[q, i] else "red")
+                   for n, i in enumerate(top)]
+        for ax, (kp, title, colour) in zip(axes[r], panels):
+            for a, b in _BONES:
+                ax.plot(kp[[a, b], 0], kp[[a, b], 1], color=colour, lw=1.5)
+            ax.scatter(kp[1::2, 0], kp[1::2, 1], s=6, color="tab:blue")  # left side
+            ax.set_title(title, fontsize=8, color=colour)
+            ax.set_xlim(-1, 1)
+            ax.set_ylim(1.2, -1.2)
+            ax.set_aspect("equal")
+            ax.axis("off")
+    fig.suptitle("green = 3D match (NP-MPJPE <= kappa); blue dots = left side", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def log_figure(client, run_id: str, figure_fn, *args: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = figure_fn(*args, Path(directory) / name)
+        client.log_artifact(run_id, str(path), artifact_path="plots")
+
