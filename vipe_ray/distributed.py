@@ -26,14 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vipe_ray.config import TrainConfig, config_from_dict, config_to_dict
+from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata, table_to_arrays
 from vipe_ray.train import CHECKPOINT, FORMAT, build_model, build_optimizer, rng_state, train_step
 
 
 @dataclass(frozen=True)
 class Scaling:
-    """Workers of one training run: ``num_workers`` = 0 runs in the calling process (Ray Train local mode)."""
+    """Workers of one training run (a sweep's ``resources``): ``num_workers`` = 0 trains in the calling
+    process (Ray Train local mode); ``use_gpu`` gives each worker one GPU (DDP over nccl)."""
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -41,9 +42,16 @@ class Scaling:
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
-            raise ValueError(f"num_workers: {self.num_workers} must be >= 0")
+            raise ConfigError(f"resources.num_workers: {self.num_workers} must be >= 0")
         if self.cpus_per_worker <= 0:
-            raise ValueError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
+            raise ConfigError(f"resources.cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        if self.use_gpu and self.num_workers == 0:
+            raise ConfigError("resources.use_gpu: GPU training needs num_workers >= 1")
+
+    @property
+    def cpus_per_trial(self) -> float:
+        """CPUs one run holds: its workers, or the calling process in local mode."""
+        return max(self.num_workers, 1) * self.cpus_per_worker
 
     def ray(self):
         from ray.train import ScalingConfig

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from vipe_ray import REPO_ROOT, log
+from vipe_ray.distributed import Scaling
 from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, _build, config_from_dict, config_to_dict,
                              flatten, merge)
 
@@ -51,27 +52,6 @@ class Scheduler:
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError(f"scheduler: grace_period {self.grace_period} must be >= 1 and reduction_factor "
                               f"{self.reduction_factor} >= 2")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Per trial: Ray Train workers (0 = train inside the trial process), CPUs per worker, GPUs."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ConfigError(f"resources.num_workers: {self.num_workers} must be >= 0")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"resources.cpus_per_worker: {self.cpus_per_worker} must be > 0")
-        if self.use_gpu and self.num_workers == 0:
-            raise ConfigError("resources.use_gpu: GPU training needs num_workers >= 1")
-
-    @property
-    def cpus_per_trial(self) -> float:
-        return max(self.num_workers, 1) * self.cpus_per_worker
 
 
 @dataclass(frozen=True)
@@ -113,7 +93,7 @@ class SweepConfig:
     trials: int = 8
     concurrency: int = 2
     scheduler: Scheduler = field(default_factory=Scheduler)
-    resources: Resources = field(default_factory=Resources)
+    resources: Scaling = field(default_factory=Scaling)
     seed: int = 0
     time_budget_s: float = 3600.0
     max_failures: int = 1
@@ -313,7 +293,7 @@ def run_trial(params: dict, settings: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vipe_ray.distributed import Scaling, data_info, fit
+    from vipe_ray.distributed import data_info, fit
 
     sweep: SweepConfig = settings["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
@@ -321,8 +301,7 @@ def run_trial(params: dict, settings: dict) -> None:
     client = mlflow.MlflowClient(settings["tracking_uri"])
     run_id = _child_run(client, settings["experiment_id"], settings["parent_run_id"], trial_id, sweep, params,
                         config, data_info(config)["checksum"])
-    r = sweep.resources
-    fit(config, Scaling(r.num_workers, r.cpus_per_worker, r.use_gpu), name=f"train-{trial_id}",
+    fit(config, sweep.resources, name=f"train-{trial_id}",
         storage_path=settings["storage"], max_failures=sweep.max_failures, callbacks=[TuneReportCallback()],
         extra={"on_report": MlflowReporter(settings["tracking_uri"], run_id), "val_queries": sweep.validation_queries})
 
