@@ -152,6 +152,26 @@ def test_cli_train_and_evaluate(tmp_path, tiny_overrides, capsys):
             assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values)
 
 
+def test_cli_evaluates_a_newly_converted_table(tmp_path, tiny_overrides, capsys):
+    """Convert raw motion capture with the converter, then evaluate on all of its subjects by default."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "cmu-mini"
+    table = tmp_path / "new.parquet"
+    assert main(["convert", str(fixtures), str(table), "--fps", "30"]) == 0
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_overrides))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set", "optim.steps=2",
+                 "--set", "lifter_baseline=false"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(table),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    captured = capsys.readouterr()
+    assert "['01', '02']" in captured.out, "all subjects of the new table are evaluated"
+    assert "were trained on" in captured.err, "subjects 01 and 02 are in the default training split"
+    assert "lift3d" not in json.loads((tmp_path / "e.json").read_text())["rigs"]["h36m"]
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  widht: 3\n")

@@ -61,13 +61,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if lifter is None:
         print(f"note: {lifter_path} not found; the 3D-lifting baseline is left out", file=sys.stderr)
     table = load_table(args.data or config.data.table_path())
-    subjects = args.subjects or list(config.data.test_subjects)
+    own_table = args.data is None or Path(args.data).resolve() == config.data.table_path().resolve()
+    # Another table (e.g. newly converted subjects): all of its subjects unless --subjects says otherwise.
+    subjects = args.subjects or (list(config.data.test_subjects) if own_table else table.subjects)
     if not subjects:
         raise ConfigError("no evaluation subjects: pass --subjects or set data.test_subjects")
-    if args.data is None or Path(args.data).resolve() == config.data.table_path().resolve():
-        leaked = sorted(set(subjects) & set(config.data.train_subjects))
-        if leaked:
-            print(f"warning: subjects {leaked} were trained on; this is not a held-out evaluation", file=sys.stderr)
+    leaked = sorted(set(subjects) & set(config.data.train_subjects))
+    if leaked:
+        print(f"warning: subjects {leaked} were trained on; this is not a held-out evaluation", file=sys.stderr)
     table = table.select(subjects)
     print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on subjects {subjects} of {table.path}")
     result = evaluate_rigs(checkpoint.model, config, table, lifter=lifter, samples=args.samples)
