@@ -25,10 +25,9 @@ import torch
 
 from vipe_ray import log
 from vipe_ray.cameras import RIGS, Orbits
-from vipe_ray.config import EvalConfig, TrainConfig
+from vipe_ray.config import EvalConfig, KeypointDropoutConfig, TrainConfig
 from vipe_ray.data import PoseTable, evaluation_rows, window_rows
 from vipe_ray.dropout import keypoint_visibility
-from vipe_ray.config import KeypointDropoutConfig
 from vipe_ray.losses import MatchProbability, kernel_distance
 from vipe_ray.matching import pairwise_np_mpjpe
 from vipe_ray.model import pose_features
