@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .asf import Skeleton, read_text
-from .errors import MocapFormatError
+from .errors import MocapFormatError, finite_float
 
 #: Names of the root's six AMC values, in the order stored in :attr:`Motion.root`.
 ROOT_CHANNELS = ("TX", "TY", "TZ", "RX", "RY", "RZ")
@@ -43,12 +42,7 @@ def _locate_bad_value(lines, first_frame_line, source):
         if len(toks) < 2:
             continue
         for t in toks[1:]:
-            try:
-                v = float(t)
-            except ValueError:
-                raise MocapFormatError(source, lineno, f"bone {toks[0]!r}: non-numeric value {t!r}") from None
-            if not math.isfinite(v):
-                raise MocapFormatError(source, lineno, f"bone {toks[0]!r}: non-finite value {t!r}")
+            finite_float(t, source, lineno, f"bone {toks[0]!r}")
     raise AssertionError("bad value not found on second pass")  # pragma: no cover
 
 

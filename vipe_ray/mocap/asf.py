@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MocapFormatError
+from .errors import MocapFormatError, finite_float
 
 #: Metres per inch; ASF lengths are in inches scaled by ``1 / length_unit``.
 INCH_M = 0.0254
@@ -60,16 +59,7 @@ class Skeleton:
 
 
 def _floats(tokens, path, lineno, what):
-    out = []
-    for t in tokens:
-        try:
-            v = float(t)
-        except ValueError:
-            raise MocapFormatError(path, lineno, f"{what}: non-numeric value {t!r}") from None
-        if not math.isfinite(v):
-            raise MocapFormatError(path, lineno, f"{what}: non-finite value {t!r}")
-        out.append(v)
-    return out
+    return [finite_float(t, path, lineno, what) for t in tokens]
 
 
 def _check_axis_order(order, path, lineno):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .asf import read_text
-from .errors import MocapFormatError
+from .errors import MocapFormatError, finite_float
 from .kinematics import axis_rotation
 
 _CHANNELS = ("Xposition", "Yposition", "Zposition", "Xrotation", "Yrotation", "Zrotation")
@@ -57,16 +56,6 @@ class Bvh:
             if j.name == name:
                 return j
         raise KeyError(name)
-
-
-def _float(tok, source, lineno, what):
-    try:
-        v = float(tok)
-    except ValueError:
-        raise MocapFormatError(source, lineno, f"{what}: non-numeric value {tok!r}") from None
-    if not math.isfinite(v):
-        raise MocapFormatError(source, lineno, f"{what}: non-finite value {tok!r}")
-    return v
 
 
 def parse_bvh_text(text: str, source: str = "<bvh>") -> Bvh:
@@ -121,7 +110,7 @@ def parse_bvh_text(text: str, source: str = "<bvh>") -> Bvh:
         ln, toks = peek()
         if toks[0] != "OFFSET" or len(toks) != 4:
             raise MocapFormatError(source, ln, f"expected 'OFFSET x y z' for {name!r}, got {' '.join(toks)[:60]!r}")
-        offset = tuple(_float(t, source, ln, f"OFFSET of {name!r}") for t in toks[1:])
+        offset = tuple(finite_float(t, source, ln, f"OFFSET of {name!r}") for t in toks[1:])
         pos += 1
         channels: tuple[str, ...] = ()
         if kind != "End":
@@ -182,7 +171,7 @@ def parse_bvh_text(text: str, source: str = "<bvh>") -> Bvh:
     if n_frames < 1:
         raise MocapFormatError(source, ln, f"Frames: must be >= 1, got {val!r}")
     val, ln = header["Frame Time:"]
-    frame_time = _float(val, source, ln, "Frame Time")
+    frame_time = finite_float(val, source, ln, "Frame Time")
     if frame_time <= 0:
         raise MocapFormatError(source, ln, f"Frame Time must be > 0, got {val!r}")
 
@@ -211,7 +200,7 @@ def parse_bvh_text(text: str, source: str = "<bvh>") -> Bvh:
     if bad:
         for k, toks in enumerate(rows):
             for t in toks:
-                _float(t, source, first + k + 1, f"motion frame {k}")
+                finite_float(t, source, first + k + 1, f"motion frame {k}")
         raise AssertionError("bad value not found")  # pragma: no cover
     return Bvh(source=source, joints=tuple(joints), frame_time=frame_time, motion=motion,
                frame_time_line=header["Frame Time:"][1])

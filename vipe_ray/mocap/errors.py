@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class MocapFormatError(ValueError):
     """A raw motion-capture file is malformed.
@@ -19,3 +21,14 @@ class MocapFormatError(ValueError):
 
     def __reduce__(self):  # keep picklable (e.g. across process pools)
         return (type(self), (self.path, self.line, self.detail))
+
+
+def finite_float(token: str, path: str, line: int, what: str) -> float:
+    """Parse one number of a raw file; non-numeric or non-finite values raise :class:`MocapFormatError`."""
+    try:
+        value = float(token)
+    except ValueError:
+        raise MocapFormatError(path, line, f"{what}: non-numeric value {token!r}") from None
+    if not math.isfinite(value):
+        raise MocapFormatError(path, line, f"{what}: non-finite value {token!r}")
+    return value
