@@ -214,9 +214,12 @@ def test_points_behind_the_camera_raise():
         project(points, rot, torch.zeros(1, 3, dtype=torch.float64))
     with pytest.raises(ValueError):
         project(torch.zeros(1, 1, 3, dtype=torch.float64), rot, torch.zeros(1, 3, dtype=torch.float64))
-    # A camera 0.2 m from the pelvis has the feet/head behind it.
-    with pytest.raises(ValueError, match="behind"):
+    # A camera 0.2 m from the pelvis would have the feet/head behind it: refused when it is made.
+    with pytest.raises(ValueError, match="distance: 0.2 m is closer"):
         render(standing_pose()[None], orbits(0, 60, 0.2))
+    raw = Orbits(*(torch.tensor([v], dtype=torch.float64) for v in (0.0, math.radians(60), 0.2, 0.0)))
+    with pytest.raises(ValueError, match="behind"):
+        render(standing_pose()[None], raw)
 
 
 # ----------------------------------------------------------------------------------------------- rigs / orbits

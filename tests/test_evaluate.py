@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from vipe_ray.config import load_config
+from vipe_ray.config import EVAL_OCCLUSION_GROUPS, ConfigError, load_config
 from vipe_ray.data import evaluation_rows, load_table
-from vipe_ray.evaluate import evaluate_rigs, format_table, hits_at_k, pairwise_procrustes_2d, retrieval_objective
+from vipe_ray.evaluate import (
+    evaluate_rigs, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
+)
+from vipe_ray.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
 from vipe_ray.train import build_model
 
 
@@ -67,7 +70,13 @@ def test_protocol_on_real_subject(tiny_overrides):
     model = build_model(config)
     result = evaluate_rigs(model, config, table, progress=lambda _: None)
     assert result["queries"] == 40
-    assert set(result["rigs"]) == {"h36m", "novel"}
+    assert set(result["rigs"]) == {"h36m", "novel", "wide"}
+    patterns = {f"group:{g}" for g in EVAL_OCCLUSION_GROUPS} | {"independent:0.1", "independent:0.2"}
+    for rig in ("h36m", "novel", "wide"):
+        assert set(result["occlusion"][rig]) == patterns
+        for modes in result["occlusion"][rig].values():
+            assert set(modes) == {"clean", "occluded"}
+            assert all(set(per) == {"prvipe", "prvipe_mean", "nn2d"} for per in modes.values())
     for methods in result["rigs"].values():
         assert set(methods) == {"prvipe", "prvipe_mean", "nn2d"}
         for hits in methods.values():
@@ -77,4 +86,91 @@ def test_protocol_on_real_subject(tiny_overrides):
     assert result["rigs"]["h36m"]["nn2d"]["hit@1"] < 1.0
     assert 0.0 <= retrieval_objective(result) <= 1.0
     text = format_table(result)
-    assert "h36m" in text and "novel" in text and "Hit@20" in text
+    assert "h36m" in text and "novel" in text and "Hit@20" in text and "group:left_arm" in text
+
+
+def test_hits_at_k_never_counts_an_unretrievable_query():
+    distance = torch.tensor([[math.inf, math.inf], [0.2, math.inf]])
+    match = torch.ones(2, 2, dtype=torch.bool)
+    # Query 0 has no embedding (all inf): it misses at every k; query 1 finds its only finite neighbour.
+    assert hits_at_k(distance, match, (1, 2)) == {"hit@1": 0.5, "hit@2": 0.5}
+
+
+def test_masked_procrustes_2d_uses_only_common_keypoints():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 13, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 13, 2, generator=g, dtype=torch.float64)
+    vq = torch.rand(4, 13, generator=g) > 0.3
+    vx = torch.rand(5, 13, generator=g) > 0.3
+    d = pairwise_procrustes_2d(q, x, vq, vx, chunk_pairs=7)
+    for i in range(4):
+        for j in range(5):
+            common = (vq[i] & vx[j]).numpy()
+            ref = _reference_procrustes_2d(q[i].numpy()[common], x[j].numpy()[common])
+            assert d[i, j].item() == pytest.approx(ref, abs=1e-9)
+    # Hidden keypoints can hold anything: the distance does not move.
+    moved = torch.where(vx[..., None], x, x + 50.0)
+    torch.testing.assert_close(pairwise_procrustes_2d(q, moved, vq, vx), d)
+    # Fewer than two common keypoints: no distance at all.
+    lonely = torch.zeros(1, 13, dtype=torch.bool)
+    lonely[0, 0] = True
+    assert torch.isinf(pairwise_procrustes_2d(q[:1], x[:1], lonely, vx[:1])).all()
+
+
+@pytest.mark.parametrize("group", ["left_arm", "right_arm", "left_leg", "right_leg", "both_arms", "both_legs",
+                                   "lower_body"])
+def test_occlusion_protocol_hides_exactly_its_group(group):
+    visible = pattern_visibility(f"group:{group}", 6, torch.Generator())
+    hidden = {COCO13_KEYPOINTS[i] for i in torch.nonzero(~visible[0]).flatten().tolist()}
+    assert hidden == {COCO13_KEYPOINTS[i] for i in OCCLUSION_GROUPS[group]}
+    assert (visible == visible[0]).all(), "every query of the pattern hides the same keypoints"
+
+
+def test_independent_occlusion_rate_and_seed():
+    a = pattern_visibility("independent:0.2", 20000, torch.Generator().manual_seed(1))
+    b = pattern_visibility("independent:0.2", 20000, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert (~a).float().mean().item() == pytest.approx(0.2, abs=0.005)
+
+
+def test_rig_yaml_loads_and_errors_name_file_and_key(tmp_path):
+    good = tmp_path / "studio.yaml"
+    good.write_text("cameras:\n  - {azimuth: 0, elevation: 20, distance: 4}\n"
+                    "  - {azimuth: 90, elevation: -10, distance: 3.5, roll: 20, focal: 1400}\n")
+    name, cameras = resolve_rig(str(good))
+    assert name == "studio" and len(cameras) == 2 and cameras[1].focal == 1400.0 and cameras[0].roll == 0.0
+    cases = {
+        "cameras:\n  - {azimuth: 0, elevation: 20, distance: 4, zoom: 2}\n  - {azimuth: 9, elevation: 0, distance: 4}\n":
+            r"cameras\[0\]\.zoom: unknown key",
+        "cameras:\n  - {azimuth: 0, elevation: 95, distance: 4}\n  - {azimuth: 9, elevation: 0, distance: 4}\n":
+            r"cameras\[0\]\.elevation: 95.0 must lie strictly within",
+        "cameras:\n  - {azimuth: 0, elevation: 20, distance: 4}\n  - {azimuth: 9, elevation: 0, distance: 0.3}\n":
+            r"cameras\[1\]\.distance: 0.3 m is closer",
+        "cameras:\n  - {azimuth: 0, elevation: 20, distance: 4}\n  - {azimuth: 9, elevation: 0}\n":
+            r"cameras\[1\]\.distance: missing",
+        "cameras:\n  - {azimuth: 0, elevation: 20, distance: 4}\n  - {azimuth: 9, elevation: 0, distance: far}\n":
+            r"cameras\[1\]\.distance: 'far' is not a number",
+        "cameras:\n  - {azimuth: 0, elevation: 20, distance: 4}\n": r"at least 2 cameras",
+        "name: x\nlens: 3\ncameras: []\n": r"lens: unknown key",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message) as info:
+            resolve_rig(str(bad))
+        assert str(bad) in str(info.value)
+        # Through the config too: the error names eval.rigs and the file.
+        with pytest.raises(ConfigError, match="eval.rigs"):
+            load_config(overrides={"eval": {"rigs": ["h36m", str(bad)]}})
+
+
+def test_custom_rig_file_is_evaluated(tiny_overrides, tmp_path):
+    rig = tmp_path / "ceiling.yaml"
+    rig.write_text("name: ceiling\ncameras:\n  - {azimuth: 10, elevation: 70, distance: 3}\n"
+                   "  - {azimuth: 200, elevation: 75, distance: 2.5, roll: 30}\n")
+    tiny_overrides["eval"].update({"rigs": [str(rig)], "occlusion": False, "max_queries": 20})
+    config = load_config(overrides=tiny_overrides)
+    table = load_table(config.data.table_path()).select(["10"])
+    result = evaluate_rigs(build_model(config), config, table, progress=lambda _: None)
+    assert list(result["rigs"]) == ["ceiling"] and result["occlusion"] == {}
+    assert result["cameras"]["ceiling"][1]["elevation"] == 75.0

@@ -25,7 +25,9 @@ from vipe_ray.keypoints import (
     check_shape,
     coco17_to_coco13,
     h36m17_to_coco13,
+    model_input,
     normalize_2d,
+    normalize_masked,
     normalize_3d,
 )
 
@@ -102,9 +104,13 @@ def test_occlusion_groups_name_the_right_keypoints():
     assert names["right_arm"] == {"r_elbow", "r_wrist"}
     assert names["left_leg"] == {"l_knee", "l_ankle"}
     assert names["right_leg"] == {"r_knee", "r_ankle"}
-    assert names["lower_body"] == {"l_knee", "r_knee", "l_ankle", "r_ankle"}
+    assert names["both_arms"] == names["left_arm"] | names["right_arm"]
+    assert names["both_legs"] == {"l_knee", "r_knee", "l_ankle", "r_ankle"}
+    assert names["lower_body"] == names["both_legs"] | {"l_hip", "r_hip"}
     assert names["upper_left"] == {"l_shoulder", "l_elbow", "l_wrist"}
     assert names["upper_right"] == {"r_shoulder", "r_elbow", "r_wrist"}
+    assert names["left_side"] == {n for n in COCO13_KEYPOINTS if n.startswith("l_")}
+    assert names["right_side"] == {n for n in COCO13_KEYPOINTS if n.startswith("r_")}
     for idx in OCCLUSION_GROUPS.values():
         assert all(0 <= i < 13 for i in idx)
 
@@ -171,21 +177,20 @@ def test_normalize_2d_hidden_shoulder_is_ignored():
     visible[L_SHOULDER] = False
     out = normalize_2d(kp, visible)
     # Remaining torso: r_shoulder (2, 6), hips (2, 2), (4, 2): largest distance is still sqrt(20).
-    torch.testing.assert_close(out, normalize_2d(kp))
-    # Moving the hidden shoulder far away changes nothing for the visible keypoints.
+    torch.testing.assert_close(out[visible], normalize_2d(kp)[visible])
+    assert (out[L_SHOULDER] == 0).all(), "a hidden keypoint reaches the model as 0"
+    # Moving the hidden shoulder far away changes nothing at all.
     far = kp.clone()
     far[L_SHOULDER] = torch.tensor([1000.0, -500.0])
-    out_far = normalize_2d(far, visible)
-    keep = visible.clone()
-    torch.testing.assert_close(out_far[keep], out[keep])
+    torch.testing.assert_close(normalize_2d(far, visible), out)
     # Without the mask the far shoulder dominates the scale.
-    assert not torch.allclose(normalize_2d(far)[keep], out[keep])
+    assert not torch.allclose(normalize_2d(far)[visible], out[visible])
 
     # Hide the right shoulder too: torso = the two hips only (distance 2).
     visible[R_SHOULDER] = False
     out2 = normalize_2d(kp, visible)
     expected = (kp - torch.tensor([3.0, 2.0], dtype=torch.float64)) / 2.0 * 0.5
-    torch.testing.assert_close(out2, expected)
+    torch.testing.assert_close(out2[visible], expected[visible])
 
 
 def test_normalize_2d_hidden_hip_uses_the_other_hip_as_centre():
@@ -195,7 +200,7 @@ def test_normalize_2d_hidden_hip_uses_the_other_hip_as_centre():
     out = normalize_2d(kp, visible)
     # Centre = r_hip (2, 2); torso = r_hip, both shoulders: largest is r_hip - l_shoulder = sqrt(20).
     expected = (kp - torch.tensor([2.0, 2.0], dtype=torch.float64)) / math.sqrt(20.0) * 0.5
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[visible], expected[visible])
     torch.testing.assert_close(out[R_HIP], torch.zeros(2, dtype=torch.float64))
 
 
@@ -208,12 +213,44 @@ def test_normalize_2d_mask_is_per_pose():
     torch.testing.assert_close(out[1], normalize_2d(kp[1]))
 
 
-def test_normalize_2d_no_visible_hip_raises():
-    kp = torch.stack([hand_pose(), hand_pose()])
-    visible = torch.ones(2, 13, dtype=torch.bool)
-    visible[1, [L_HIP, R_HIP]] = False
-    with pytest.raises(KeypointError, match="hip"):
+def test_normalize_2d_without_hips_centres_on_the_shoulders():
+    kp = hand_pose()
+    visible = torch.ones(13, dtype=torch.bool)
+    visible[[L_HIP, R_HIP]] = False
+    out = normalize_2d(kp, visible)
+    # Centre = shoulder midpoint (3, 6); torso = the two shoulders only (distance 2).
+    expected = (kp - torch.tensor([3.0, 6.0], dtype=torch.float64)) / 2.0 * 0.5
+    torch.testing.assert_close(out[visible], expected[visible])
+
+
+def test_normalize_masked_marks_each_pose_and_never_raises():
+    kp = torch.stack([hand_pose(), hand_pose(), hand_pose()])
+    visible = torch.ones(3, 13, dtype=torch.bool)
+    visible[1, [L_HIP, R_HIP, L_SHOULDER]] = False  # one torso keypoint left: no scale
+    visible[2, list(TORSO)] = False  # no torso at all
+    out, valid = normalize_masked(kp, visible)
+    assert valid.tolist() == [True, False, False]
+    torch.testing.assert_close(out[0], normalize_2d(hand_pose()))
+    assert (out[1:] == 0).all()
+    with pytest.raises(KeypointError, match="pose 1 cannot be normalized"):
         normalize_2d(kp, visible)
+
+
+def test_model_input_nan_marks_missing_and_matches_training_views():
+    """Deployment (NaN = missing) and training (a visibility mask) give the same features."""
+    g = torch.Generator().manual_seed(5)
+    kp = hand_pose()[None].repeat(4, 1, 1) + 0.3 * torch.randn(4, 13, 2, generator=g, dtype=torch.float64)
+    visible = torch.rand(4, 13, generator=g) > 0.3
+    visible[:, [L_HIP, R_SHOULDER]] = True
+    with_nan = torch.where(visible[..., None], kp, torch.full_like(kp, float("nan")))
+    feats_nan, valid_nan = model_input(with_nan)
+    feats_mask, valid_mask = model_input(kp, visible)
+    torch.testing.assert_close(feats_nan, feats_mask)
+    assert valid_nan.all() and valid_mask.all()
+    assert torch.equal(feats_nan[:, 26:] > 0, visible)
+    # Hidden keypoints never influence the features, wherever they are.
+    moved = torch.where(visible[..., None], kp, kp + 100.0)
+    torch.testing.assert_close(model_input(moved, visible)[0], feats_mask)
 
 
 def test_normalize_2d_degenerate_torso_raises():

@@ -140,11 +140,12 @@ def test_cli_train_and_evaluate(tmp_path, tiny_overrides, capsys):
     printed = capsys.readouterr().out
     assert "[prvipe] step 4/4" in printed and "[lifter] step 4/4" in printed
     result_path = tmp_path / "eval.json"
-    assert main(["evaluate", "--checkpoint", str(out), "--json", str(result_path), "--subjects", "10"]) == 0
+    assert main(["evaluate", "--checkpoint", str(out), "--json", str(result_path), "--subjects", "10",
+                 "--rig", "h36m", "--rig", "wide"]) == 0
     printed = capsys.readouterr().out
-    assert "Hit@1" in printed and "nn2d" in printed
+    assert "Hit@1" in printed and "nn2d" in printed and "group:lower_body" in printed
     result = json.loads(result_path.read_text())
-    assert set(result["rigs"]) == {"h36m", "novel"}
+    assert set(result["rigs"]) == {"h36m", "wide"} and set(result["occlusion"]) == {"h36m", "wide"}
     for rig in result["rigs"].values():
         assert set(rig) == {"prvipe", "prvipe_mean", "nn2d", "lift3d"}
         for hits in rig.values():

@@ -2,13 +2,15 @@
 
     vipe-ray convert RAW_DIR OUT.parquet [--fps 30]
     vipe-ray train [--config CONFIG.yaml] [--out DIR] [--resume] [--set key.path=value ...]
-    vipe-ray evaluate --checkpoint DIR [--data TABLE.parquet] [--subjects 06 13] [--json OUT.json]
+    vipe-ray evaluate --checkpoint DIR [--data TABLE.parquet] [--subjects 06 13] [--rig h36m --rig my_rig.yaml]
+                      [--no-occlusion] [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -70,11 +72,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if leaked:
         print(f"warning: subjects {leaked} were trained on; this is not a held-out evaluation", file=sys.stderr)
     table = table.select(subjects)
-    print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on subjects {subjects} of {table.path}")
-    result = evaluate_rigs(checkpoint.model, config, table, lifter=lifter, samples=args.samples)
+    overrides: dict = {}
+    if args.rig:
+        overrides["rigs"] = tuple(args.rig)
+    if args.no_occlusion:
+        overrides["occlusion"] = False
+    try:
+        eval_config = replace(config.eval, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"--rig: {exc}") from None
+    print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on subjects {subjects} of {table.path}; "
+          f"rigs {list(eval_config.rigs)}, occlusion {'on' if eval_config.occlusion else 'off'}")
+    result = evaluate_rigs(checkpoint.model, config, table, lifter=lifter, eval_config=eval_config,
+                           samples=args.samples)
     result["checkpoint"] = str(args.checkpoint)
     result["step"] = checkpoint.step
-    print(format_table(result, config.eval.ks))
+    print(format_table(result, eval_config.ks))
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -104,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="pose table (default: the table the model was trained with)")
     p.add_argument("--subjects", nargs="+", help="subjects to evaluate (default: the config's test subjects)")
     p.add_argument("--samples", type=int, help="embedding samples per pose for retrieval (default: model.samples)")
+    p.add_argument("--rig", action="append", metavar="NAME_OR_YAML",
+                   help="a built-in rig (h36m, novel, wide, val) or a rig YAML file (repeatable; default: the "
+                        "config's eval.rigs). YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
+    p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
     return parser

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from vipe_ray import REPO_ROOT
-from vipe_ray.cameras import RIGS, CameraRanges
+from vipe_ray.cameras import RIGS, CameraRanges, RigError, load_rig
+from vipe_ray.keypoints import OCCLUSION_GROUPS
 from vipe_ray.mining import MODES
 
 
@@ -62,6 +63,7 @@ class CameraConfig:
     elevation: tuple[float, float] = (-30.0, 30.0)
     roll: tuple[float, float] = (-30.0, 30.0)
     distance: tuple[float, float] = (2.5, 6.0)
+    focal: tuple[float, float] = (1000.0, 1000.0)
     fixed_rig: str = "h36m"
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class CameraConfig:
             raise ConfigError(str(exc)) from None
 
     def ranges(self) -> CameraRanges:
-        return CameraRanges(self.azimuth, self.elevation, self.roll, self.distance)
+        return CameraRanges(self.azimuth, self.elevation, self.roll, self.distance, self.focal)
 
 
 @dataclass(frozen=True)
@@ -204,24 +206,51 @@ class OptimConfig:
             raise ConfigError(f"optim.jitter: {self.jitter} must be >= 0")
 
 
+#: Occlusion protocols of the evaluation: one limb, both arms, both legs, the lower body.
+EVAL_OCCLUSION_GROUPS = ("left_arm", "right_arm", "left_leg", "right_leg", "both_arms", "both_legs", "lower_body")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Cross-view retrieval protocol."""
+    """Cross-view retrieval protocols (see :mod:`vipe_ray.evaluate`).
 
-    rigs: tuple[str, ...] = ("h36m", "novel")
+    ``rigs`` are built-in rig names or rig YAML files; ``occlusion`` adds, per rig, the queries with
+    ``occlusion_groups`` hidden and with keypoints hidden independently at ``occlusion_rates``.
+    """
+
+    rigs: tuple[str, ...] = ("h36m", "novel", "wide")
+    #: Rigs of the validation that training runs and sweeps select on: never the evaluation rigs.
+    val_rigs: tuple[str, ...] = ("wide-val",)
     every: int = 24
     kappa: float = 0.1
     ks: tuple[int, ...] = (1, 5, 10, 20)
     max_queries: int = 0
+    occlusion: bool = True
+    occlusion_groups: tuple[str, ...] = EVAL_OCCLUSION_GROUPS
+    occlusion_rates: tuple[float, ...] = (0.1, 0.2)
 
     def __post_init__(self) -> None:
-        bad = [r for r in self.rigs if r not in RIGS]
-        if bad:
-            raise ConfigError(f"eval.rigs: {bad} not among {sorted(RIGS)}")
+        for rig in self.rigs + self.val_rigs:
+            if rig in RIGS:
+                continue
+            if not rig.endswith((".yaml", ".yml")):
+                raise ConfigError(f"eval.rigs: {rig!r} is neither a built-in rig {sorted(RIGS)} nor a .yaml rig file")
+            try:
+                load_rig(rig)
+            except RigError as exc:
+                raise ConfigError(f"eval.rigs: {exc}") from None
+        if not self.rigs or not self.val_rigs:
+            raise ConfigError("eval.rigs, eval.val_rigs: name at least one rig each")
         if self.every < 1:
             raise ConfigError(f"eval.every: {self.every} must be >= 1 (source frames between queries)")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"eval.ks: {list(self.ks)} must be positive integers")
+        bad = [g for g in self.occlusion_groups if g not in OCCLUSION_GROUPS]
+        if bad:
+            raise ConfigError(f"eval.occlusion_groups: {bad} not among {sorted(OCCLUSION_GROUPS)}")
+        bad = [r for r in self.occlusion_rates if not 0.0 < r < 1.0]
+        if bad:
+            raise ConfigError(f"eval.occlusion_rates: {bad} must lie in (0, 1)")
 
 
 @dataclass(frozen=True)

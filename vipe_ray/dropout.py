@@ -2,7 +2,10 @@
 
 An instance is selected with ``instance_prob``. Independent dropout then hides each keypoint with
 ``keypoint_prob``; structured dropout hides one whole occlusion group (an arm, a leg, the lower body, ...).
-The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off.
+The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off. Training
+poses must stay normalizable (:func:`vipe_ray.keypoints.normalize_masked` needs two visible torso
+keypoints), so a draw that would hide more of the torso keeps the torso visible; deployment has no such
+guarantee and reports such poses as invalid instead.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vipe_ray.config import KeypointDropoutConfig
-from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
+from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS, TORSO_2D
 
 _GROUP_MASKS = torch.zeros(len(OCCLUSION_GROUPS), NUM_KEYPOINTS_2D, dtype=torch.bool)
 for _g, _members in enumerate(OCCLUSION_GROUPS.values()):
@@ -33,9 +36,28 @@ def keypoint_visibility(shape: tuple[int, ...], config: KeypointDropoutConfig,
             group = torch.randint(len(OCCLUSION_GROUPS), (batch,), generator=generator)
             hidden |= _GROUP_MASKS[group]
         hidden &= picked[:, None]
+        torso = list(TORSO_2D)
+        too_few = (~hidden[:, torso]).sum(-1) < 2
+        hidden[:, torso] &= ~too_few[:, None]
     visible = ~hidden
     if len(shape) == 2:
         visible = visible[:, None, :].expand(batch, shape[1], NUM_KEYPOINTS_2D)
     elif len(shape) != 1:
         raise ValueError(f"batch shape must be [batch] or [batch, frames], got {list(shape)}")
     return visible
+
+
+def group_visibility(batch: int, group: str) -> torch.Tensor:
+    """Visibility ``[batch, 13]`` with exactly the keypoints of one occlusion group hidden."""
+    if group not in OCCLUSION_GROUPS:
+        raise ValueError(f"unknown occlusion group {group!r}; known: {sorted(OCCLUSION_GROUPS)}")
+    visible = torch.ones(batch, NUM_KEYPOINTS_2D, dtype=torch.bool)
+    visible[:, list(OCCLUSION_GROUPS[group])] = False
+    return visible
+
+
+def independent_visibility(batch: int, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Visibility ``[batch, 13]`` with each keypoint hidden independently with probability ``rate``."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"independent occlusion rate must lie in [0, 1), got {rate}")
+    return torch.rand(batch, NUM_KEYPOINTS_2D, generator=generator) >= rate

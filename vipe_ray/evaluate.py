@@ -8,8 +8,24 @@ over camera pairs. All methods answer the same queries on the same renders:
 
 * ``prvipe``: kernel distance ``-log P`` between sampled embeddings (the training kernel);
 * ``prvipe_mean``: Euclidean distance between embedding means (the reference leaves the choice open);
-* ``nn2d``: mean keypoint distance between normalized 2D poses after a 2D similarity Procrustes;
+* ``nn2d``: mean keypoint distance between normalized 2D poses after a 2D similarity Procrustes over the
+  keypoints visible in both;
 * ``lift3d``: NP-MPJPE between the poses lifted to 3D by the lifter baseline.
+
+Rigs: built-in names (:data:`vipe_ray.cameras.RIGS`: ``h36m``, ``novel``, the randomized ``wide``) or rig
+YAML files (:func:`vipe_ray.cameras.load_rig`). Every method sees keypoints through
+:func:`vipe_ray.keypoints.model_input`, the deployed model's own path.
+
+Occlusion protocols (per rig, beside the clean one): the queries of every camera lose keypoints --
+``group:NAME`` hides exactly one occlusion group (:data:`vipe_ray.keypoints.OCCLUSION_GROUPS`) in every
+query, ``independent:R`` hides each keypoint independently with probability R (seeded) -- and are matched
+against a ``clean`` index and against an ``occluded`` one (the index renders hidden the same way, drawn
+anew per camera). To bound its cost, each camera's queries search the next camera of the rig (a ring of
+C pairs instead of all C(C-1)); the clean protocol uses every pair. A pose that cannot be normalized (fewer than two visible torso keypoints) has no
+embedding: as a query it misses, as an index pose it is never retrieved. Result JSON::
+
+    {"rigs": {rig: {method: {"hit@k": fraction}}},
+     "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}}, ...}
 """
 
 from __future__ import annotations
@@ -24,45 +40,56 @@ import numpy as np
 import torch
 
 from vipe_ray import log
-from vipe_ray.cameras import RIGS, Orbits
-from vipe_ray.config import EvalConfig, KeypointDropoutConfig, TrainConfig
+from vipe_ray.cameras import RIGS, OrbitCamera, Orbits, load_rig
+from vipe_ray.config import EvalConfig, TrainConfig
 from vipe_ray.data import PoseTable, evaluation_rows, window_rows
-from vipe_ray.dropout import keypoint_visibility
+from vipe_ray.dropout import group_visibility, independent_visibility
+from vipe_ray.keypoints import NUM_KEYPOINTS_2D, model_input
 from vipe_ray.losses import MatchProbability, kernel_distance
 from vipe_ray.matching import pairwise_np_mpjpe
-from vipe_ray.model import pose_features
-from vipe_ray.views import normalized_view
+from vipe_ray.views import rendered_view
 
 METHODS = ("prvipe", "prvipe_mean", "nn2d", "lift3d")
-_NO_DROPOUT = KeypointDropoutConfig()
+INDEX_MODES = ("clean", "occluded")
 
 
 @torch.no_grad()
-def pairwise_procrustes_2d(queries: torch.Tensor, index: torch.Tensor, chunk_pairs: int = 1 << 17) -> torch.Tensor:
+def pairwise_procrustes_2d(queries: torch.Tensor, index: torch.Tensor, query_visible: torch.Tensor | None = None,
+                           index_visible: torch.Tensor | None = None, chunk_pairs: int = 1 << 17) -> torch.Tensor:
     """2D similarity-Procrustes distance of every pair: ``[n, 13, 2] x [m, 13, 2] -> [n, m]``.
 
-    Each index pose is aligned (rotation, isotropic scale, translation; no reflection) onto the query, then
-    the Euclidean keypoint errors are averaged.
+    Each index pose is aligned (rotation, isotropic scale, translation; no reflection) onto the query using
+    the keypoints visible in both (``query_visible`` ``[n, 13]``, ``index_visible`` ``[m, 13]`` bool; default
+    all), then the Euclidean errors over those keypoints are averaged. Pairs sharing fewer than two visible
+    keypoints get ``inf``.
     """
-    q = queries - queries.mean(-2, keepdim=True)
-    x = index - index.mean(-2, keepdim=True)
-    x_norm = (x ** 2).sum((-1, -2)).clamp_min(1e-12)  # [m]
-    n, m = q.shape[0], x.shape[0]
-    out = torch.empty(n, m, dtype=q.dtype)
+    n, m = queries.shape[0], index.shape[0]
+    vq = torch.ones(queries.shape[:2], dtype=queries.dtype) if query_visible is None else query_visible.to(queries.dtype)
+    vx = torch.ones(index.shape[:2], dtype=index.dtype) if index_visible is None else index_visible.to(index.dtype)
+    q, x = queries * vq[..., None], index * vx[..., None]
+    out = torch.empty(n, m, dtype=queries.dtype)
     rows = max(1, chunk_pairs // max(m, 1))
     for start in range(0, n, rows):
-        qc = q[start:start + rows]  # [r, J, 2]
-        # Optimal rotation angle and scale in closed form: dot and cross sums of the centred points.
-        dot = torch.einsum("rjc,mjc->rm", qc, x)
-        cross = torch.einsum("rj,mj->rm", qc[..., 1], x[..., 0]) - torch.einsum("rj,mj->rm", qc[..., 0], x[..., 1])
+        qc, vqc = q[start:start + rows], vq[start:start + rows]  # [r, J, 2], [r, J]
+        # Weighted sums over the common keypoints w = vq * vx, all separable into matrix products.
+        w = vqc @ vx.T  # [r, m] common keypoints
+        sq = torch.einsum("rjc,mj->rmc", qc, vx)
+        sx = torch.einsum("rj,mjc->rmc", vqc, x)
+        wsafe = w.clamp_min(1)[..., None]
+        mq, mx = sq / wsafe, sx / wsafe  # [r, m, 2] centroids over the common keypoints
+        dot = torch.einsum("rjc,mjc->rm", qc, x) - w * (mq * mx).sum(-1)
+        cross = (torch.einsum("rj,mj->rm", qc[..., 1], x[..., 0]) - torch.einsum("rj,mj->rm", qc[..., 0], x[..., 1])
+                 - w * (mq[..., 1] * mx[..., 0] - mq[..., 0] * mx[..., 1]))
+        x_norm = (torch.einsum("rj,mj->rm", vqc, (x ** 2).sum(-1)) - w * (mx ** 2).sum(-1)).clamp_min(1e-12)
         norm = torch.sqrt(dot ** 2 + cross ** 2).clamp_min(1e-12)
-        cos, sin = dot / norm, cross / norm
-        scale = norm / x_norm[None, :]
-        xr = torch.stack([
-            cos[..., None] * x[None, :, :, 0] - sin[..., None] * x[None, :, :, 1],
-            sin[..., None] * x[None, :, :, 0] + cos[..., None] * x[None, :, :, 1],
-        ], dim=-1) * scale[..., None, None]
-        out[start:start + rows] = torch.linalg.vector_norm(xr - qc[:, None], dim=-1).mean(-1)
+        cos, sin, scale = dot / norm, cross / norm, norm / x_norm
+        xc = x[None] - mx[:, :, None, :]  # [r, m, J, 2]
+        xr = torch.stack([cos[..., None] * xc[..., 0] - sin[..., None] * xc[..., 1],
+                          sin[..., None] * xc[..., 0] + cos[..., None] * xc[..., 1]], dim=-1) * scale[..., None, None]
+        err = torch.linalg.vector_norm(xr - (qc[:, None] - mq[:, :, None, :]), dim=-1)  # [r, m, J]
+        common = vqc[:, None, :] * vx[None, :, :]
+        d = (err * common).sum(-1) / wsafe[..., 0]
+        out[start:start + rows] = torch.where(w >= 2, d, torch.full_like(d, math.inf))
     return out
 
 
@@ -70,22 +97,39 @@ def hits_at_k(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]
     """Hit@k from a retrieval distance and the 3D match table.
 
     Args:
-        distance: ``[queries, index]``, smaller = more similar.
+        distance: ``[queries, index]``, smaller = more similar; ``inf`` = never retrieved (a query whose
+            row is all ``inf`` misses at every k).
         match3d: ``[queries, index]`` bool, index pose matches the query's 3D.
     """
     kmax = min(max(ks), distance.shape[1])
-    top = distance.topk(kmax, dim=1, largest=False).indices
-    hit = match3d.gather(1, top)  # [queries, kmax]
+    top = distance.topk(kmax, dim=1, largest=False)
+    hit = match3d.gather(1, top.indices) & torch.isfinite(top.values)  # [queries, kmax]
     first = torch.cumsum(hit.int(), dim=1) > 0
     return {f"hit@{k}": first[:, min(k, kmax) - 1].float().mean().item() for k in ks}
 
 
-@torch.no_grad()
-def _render_camera(table: PoseTable, rows: np.ndarray, frames: int, stride: int, camera: Orbits) -> torch.Tensor:
-    """Normalized 2D windows of one camera: ``[n, frames, 13, 2]``."""
-    idx = window_rows(table, rows, frames, stride)
-    joints = torch.from_numpy(table.joints[idx]).double()  # [n, frames, 17, 3]
-    return normalized_view(joints, camera.expand(len(rows)))
+def resolve_rig(rig: str) -> tuple[str, tuple[OrbitCamera, ...]]:
+    """A built-in rig name or a rig YAML path -> (name, cameras)."""
+    if rig in RIGS:
+        return rig, RIGS[rig]
+    if rig.endswith((".yaml", ".yml")):
+        return load_rig(rig)
+    raise ValueError(f"rig {rig!r}: neither a built-in rig ({sorted(RIGS)}) nor a .yaml rig file")
+
+
+def occlusion_patterns(ev: EvalConfig) -> list[str]:
+    """Pattern names of the occlusion protocols: ``group:NAME`` and ``independent:RATE``."""
+    return [f"group:{g}" for g in ev.occlusion_groups] + [f"independent:{r:g}" for r in ev.occlusion_rates]
+
+
+def pattern_visibility(pattern: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Visibility ``[batch, 13]`` of one occlusion pattern (see :func:`occlusion_patterns`)."""
+    kind, _, value = pattern.partition(":")
+    if kind == "group":
+        return group_visibility(batch, value)
+    if kind == "independent":
+        return independent_visibility(batch, float(value), generator)
+    raise ValueError(f"unknown occlusion pattern {pattern!r}")
 
 
 @torch.no_grad()
@@ -100,13 +144,58 @@ def _embed(model: torch.nn.Module, features: torch.Tensor, batch: int = 2048) ->
 
 
 @torch.no_grad()
+def _view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.Tensor, visible: torch.Tensor,
+          k: int, probabilistic: bool, generator: torch.Generator) -> dict:
+    """Everything the methods need of one camera's renders ``[n, frames, 13, 2]`` under ``visible`` ``[n, 13]``."""
+    frames = pixels.shape[1]
+    vis = visible[:, None, :].expand(-1, frames, -1)
+    feats, valid_frames = model_input(pixels, vis)
+    feats = feats.float()
+    valid = valid_frames.all(1)  # a window needs every frame
+    mean, sigma = _embed(model, feats)
+    eps = torch.randn((mean.shape[0], k, mean.shape[1]), generator=generator)
+    centre = frames // 2
+    view = {"mean": mean, "samples": mean[:, None] + (sigma[:, None] * eps if probabilistic else 0.0),
+            "keypoints": feats[:, centre, :2 * NUM_KEYPOINTS_2D].reshape(-1, NUM_KEYPOINTS_2D, 2).double(),
+            "visible": feats[:, centre, 2 * NUM_KEYPOINTS_2D:] > 0, "valid": valid}
+    if lifter is not None:
+        lifter.eval()
+        view["lifted"] = lifter(feats[:, centre]).double()
+    return view
+
+
+def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor, ks: tuple[int, ...],
+               methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Hit@k of every method for one (query view, index view) pair; invalid poses never match."""
+    out = {}
+    for method in methods:
+        if method == "prvipe":
+            d = kernel_distance(match.pairwise(q["samples"], x["samples"]))
+        elif method == "prvipe_mean":
+            d = torch.cdist(q["mean"], x["mean"])
+        elif method == "nn2d":
+            d = pairwise_procrustes_2d(q["keypoints"], x["keypoints"], q["visible"], x["visible"])
+        else:
+            d = pairwise_np_mpjpe(x["lifted"], q["lifted"]).T
+        d = d.masked_fill(~q["valid"][:, None] | ~x["valid"][None, :], math.inf)
+        out[method] = hits_at_k(d, match3d, ks)
+    return out
+
+
+def _average(per_pair: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {method: {key: sum(p[method][key] for p in per_pair) / len(per_pair) for key in per_pair[0][method]}
+            for method in per_pair[0]}
+
+
+@torch.no_grad()
 def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                   lifter: torch.nn.Module | None = None, eval_config: EvalConfig | None = None,
                   samples: int | None = None, seed: int = 0,
                   progress: Callable[[str], None] = log) -> dict:
-    """Run the retrieval protocol on every rig of ``eval_config`` for the subjects in ``table``.
+    """Run the retrieval protocols of ``eval_config`` (clean, and occlusion unless off) on every rig.
 
-    Returns ``{"rigs": {rig: {method: {"hit@k": fraction}}}, "queries": n, "pairs": ..., "seconds": ...}``.
+    Returns ``{"rigs": {rig: {method: {"hit@k": fraction}}}, "occlusion": {rig: {pattern: {index_mode:
+    {method: ...}}}}, "cameras": {rig: [...]}, "queries": n, "seconds": ...}``.
     """
     ev = eval_config or config.eval
     start = time.perf_counter()
@@ -121,56 +210,62 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
     k = samples or (config.model.samples if probabilistic else 1)
     generator = torch.Generator().manual_seed(seed)
     match: MatchProbability = model.match
-    result: dict = {"rigs": {}, "queries": int(len(rows)), "subjects": table.subjects,
-                    "match_rate_3d": match3d.float().mean().item()}
+    methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
+    result: dict = {"rigs": {}, "occlusion": {}, "cameras": {}, "queries": int(len(rows)), "subjects": table.subjects,
+                    "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa, "frames": frames}
+    windows = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
+    all_visible = torch.ones(len(rows), NUM_KEYPOINTS_2D, dtype=torch.bool)
     for rig in ev.rigs:
-        cameras = RIGS[rig]
-        views = []
-        for camera in cameras:
-            keypoints = _render_camera(table, rows, frames, stride, Orbits.from_cameras([camera]))
-            visible = keypoint_visibility(tuple(keypoints.shape[:2]), _NO_DROPOUT)
-            feats = pose_features(keypoints, visible)
-            mean, sigma = _embed(model, feats)
-            eps = torch.randn((mean.shape[0], k, mean.shape[1]), generator=generator)
-            z = mean[:, None] + (sigma[:, None] * eps if probabilistic else 0.0)
-            view = {"mean": mean, "samples": z, "keypoints": keypoints[:, frames // 2].double()}
-            if lifter is not None:
-                lifter.eval()
-                view["lifted"] = lifter(feats[:, frames // 2]).double()
-            views.append(view)
-        totals: dict[str, dict[str, float]] = {}
+        name, cameras = resolve_rig(rig)
+        result["cameras"][name] = [vars(c) for c in cameras]
+        pixels = [rendered_view(windows, Orbits.from_cameras([c]).expand(len(rows))) for c in cameras]
+        clean = [_view(model, lifter, p, all_visible, k, probabilistic, generator) for p in pixels]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
-        for qi, ii in pairs:
-            q, x = views[qi], views[ii]
-            distances = {
-                "prvipe": kernel_distance(match.pairwise(q["samples"], x["samples"])),
-                "prvipe_mean": torch.cdist(q["mean"], x["mean"]),
-                "nn2d": pairwise_procrustes_2d(q["keypoints"], x["keypoints"]),
+        result["rigs"][name] = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods)
+                                         for i, j in pairs])
+        progress(f"[evaluate] rig {name}: {len(rows)} queries x {len(pairs)} camera pairs "
+                 f"({time.perf_counter() - start:.0f} s)")
+        if not ev.occlusion:
+            continue
+        occluded_result: dict = {}
+        ring = [(i, (i + 1) % len(cameras)) for i in range(len(cameras))]
+        for pattern in occlusion_patterns(ev):
+            # One draw per camera: an independent pattern hides different keypoints in each camera's renders.
+            occluded = [_view(model, lifter, p, pattern_visibility(pattern, len(rows), generator), k,
+                              probabilistic, generator) for p in pixels]
+            occluded_result[pattern] = {
+                "clean": _average([_pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
+                                   for i, j in ring]),
+                "occluded": _average([_pair_hits(occluded[i], occluded[j], match, match3d, ev.ks, methods)
+                                      for i, j in ring]),
             }
-            if lifter is not None:
-                distances["lift3d"] = pairwise_np_mpjpe(x["lifted"], q["lifted"]).T
-            for method, distance in distances.items():
-                for key, value in hits_at_k(distance, match3d, ev.ks).items():
-                    totals.setdefault(method, {}).setdefault(key, 0.0)
-                    totals[method][key] += value / len(pairs)
-        result["rigs"][rig] = totals
-        progress(f"[evaluate] rig {rig}: {len(rows)} queries x {len(pairs)} camera pairs "
+        result["occlusion"][name] = occluded_result
+        progress(f"[evaluate] rig {name}: {len(occluded_result)} occlusion patterns "
                  f"({time.perf_counter() - start:.0f} s)")
     result["seconds"] = time.perf_counter() - start
     return result
 
 
 def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
-    """A plain-text table of Hit@k (percent) per rig and method."""
-    lines = []
-    header = f"{'rig':<7} {'method':<12}" + "".join(f"{'Hit@' + str(k):>9}" for k in ks)
-    lines.append(header)
-    lines.append("-" * len(header))
+    """Plain-text tables: Hit@k (percent) per rig and method, then Hit@1 per occlusion protocol."""
+    width = max([7] + [len(r) for r in result["rigs"]])
+    header = f"{'rig':<{width}} {'method':<12}" + "".join(f"{'Hit@' + str(k):>9}" for k in ks)
+    lines = [header, "-" * len(header)]
     for rig, methods in result["rigs"].items():
         for method in METHODS:
             if method in methods:
                 cells = "".join(f"{100 * methods[method][f'hit@{k}']:>9.1f}" for k in ks)
-                lines.append(f"{rig:<7} {method:<12}{cells}")
+                lines.append(f"{rig:<{width}} {method:<12}{cells}")
+    occlusion = result.get("occlusion") or {}
+    if any(occlusion.values()):
+        methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
+        header = f"{'rig':<{width}} {'occlusion (Hit@1)':<24} {'index':<9}" + "".join(f"{m:>12}" for m in methods)
+        lines += ["", header, "-" * len(header)]
+        for rig, patterns in occlusion.items():
+            for pattern, modes in patterns.items():
+                for mode, per_method in modes.items():
+                    cells = "".join(f"{100 * per_method[m]['hit@1']:>12.1f}" for m in methods)
+                    lines.append(f"{rig:<{width}} {pattern:<24} {mode:<9}{cells}")
     return "\n".join(lines)
 
 

@@ -44,17 +44,23 @@ NUM_KEYPOINTS_2D = len(COCO13_KEYPOINTS)
 _L_SHOULDER, _R_SHOULDER, _L_HIP, _R_HIP = 1, 2, 7, 8
 _TORSO_2D = (_L_SHOULDER, _R_SHOULDER, _L_HIP, _R_HIP)
 
-#: Joint groups occluded together by structured keypoint dropout (COCO13 indices).
+#: Joint groups occluded together by structured keypoint dropout (COCO13 indices): limbs, pairs of limbs,
+#: the lower body (a desk, the frame's edge), one side of the body (self-occlusion seen from the side).
 OCCLUSION_GROUPS: dict[str, tuple[int, ...]] = {
     "head": (0,),
     "left_arm": (3, 5),
     "right_arm": (4, 6),
     "left_leg": (9, 11),
     "right_leg": (10, 12),
-    "lower_body": (9, 10, 11, 12),
+    "both_arms": (3, 4, 5, 6),
+    "both_legs": (9, 10, 11, 12),
+    "lower_body": (7, 8, 9, 10, 11, 12),
     "upper_left": (1, 3, 5),
     "upper_right": (2, 4, 6),
+    "left_side": (1, 3, 5, 7, 9, 11),
+    "right_side": (2, 4, 6, 8, 10, 12),
 }
+TORSO_2D = _TORSO_2D
 
 #: Left/right swap of COCO13 slots (for mirroring checks).
 COCO13_FLIP: tuple[int, ...] = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11)
@@ -83,35 +89,84 @@ def coco17_to_coco13(keypoints: torch.Tensor) -> torch.Tensor:
     return keypoints[..., list(COCO17_TO_COCO13), :]
 
 
+def normalize_masked(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one 2D normalization of training, evaluation and deployment; hidden keypoints never count.
+
+    Centre: the midpoint of the visible hips; with both hips hidden, the midpoint of the visible shoulders
+    (a person cut off at the waist). Scale: the largest distance among the visible torso keypoints (two
+    shoulders, two hips) becomes 0.5. The visibility flags reach the model, so it knows which rule applied.
+    A pose is *valid* when it has a centre and a positive scale: at least one hip or shoulder visible on
+    each side of the rule above and two distinct visible torso keypoints.
+
+    Args:
+        keypoints: ``[..., 13, 2]`` COCO13 keypoints in any unit (pixels); hidden ones may hold anything
+            finite (callers fill NaN with zeros first).
+        visible: ``[..., 13]`` bool.
+    Returns:
+        (normalized ``[..., 13, 2]`` with hidden keypoints set to 0 and invalid poses all 0,
+        valid ``[...]`` bool).
+    """
+    dtype = keypoints.dtype
+    vis = visible.to(dtype)
+    hips_vis = vis[..., [_L_HIP, _R_HIP]]  # [..., 2]
+    shoulders_vis = vis[..., [_L_SHOULDER, _R_SHOULDER]]
+    use_hips = hips_vis.sum(-1) > 0
+    anchor_vis = torch.where(use_hips[..., None], hips_vis, shoulders_vis)  # [..., 2]
+    anchors = torch.where(use_hips[..., None, None], keypoints[..., [_L_HIP, _R_HIP], :],
+                          keypoints[..., [_L_SHOULDER, _R_SHOULDER], :])
+    count = anchor_vis.sum(-1, keepdim=True)
+    centre = (anchors * anchor_vis[..., None]).sum(-2) / count.clamp_min(1)
+    torso = keypoints[..., list(_TORSO_2D), :]  # [..., 4, 2]
+    tv = visible[..., list(_TORSO_2D)]
+    pair_vis = tv[..., :, None] & tv[..., None, :]
+    dist = torch.linalg.vector_norm(torso[..., :, None, :] - torso[..., None, :, :], dim=-1)  # [..., 4, 4]
+    scale = torch.where(pair_vis, dist, torch.zeros_like(dist)).flatten(-2).amax(-1)
+    valid = (count[..., 0] > 0) & (scale > 0) & torch.isfinite(scale)
+    safe = torch.where(valid, scale, torch.ones_like(scale))
+    out = (keypoints - centre[..., None, :]) / safe[..., None, None] * 0.5
+    keep = visible & valid[..., None]
+    return torch.where(keep[..., None], out, torch.zeros_like(out)), valid
+
+
 def normalize_2d(keypoints: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Centre on the hip midpoint and scale the largest torso distance to 0.5.
+    """:func:`normalize_masked` for batches that must all be valid (rendered views): raises otherwise.
 
     Args:
         keypoints: ``[..., 13, 2]`` COCO13 keypoints, any unit (pixels).
-        visible: optional ``[..., 13]`` bool; invisible torso keypoints are ignored for the centre/scale.
-            A pose needs at least one visible hip and two visible torso keypoints.
+        visible: optional ``[..., 13]`` bool (default: all visible).
     Returns:
-        ``[..., 13, 2]`` normalized keypoints (invisible keypoints are transformed too; mask them after).
+        ``[..., 13, 2]`` normalized keypoints; hidden keypoints are 0.
     """
-    torso = keypoints[..., list(_TORSO_2D), :]  # [..., 4, 2]
     if visible is None:
-        centre = 0.5 * (keypoints[..., _L_HIP, :] + keypoints[..., _R_HIP, :])
-        pair_vis = None
-    else:
-        hips_vis = visible[..., [_L_HIP, _R_HIP]].to(keypoints.dtype)  # [..., 2]
-        if (hips_vis.sum(-1) == 0).any():
-            raise KeypointError("normalize_2d: a pose has neither hip visible; cannot centre it")
-        hips = keypoints[..., [_L_HIP, _R_HIP], :]
-        centre = (hips * hips_vis[..., None]).sum(-2) / hips_vis.sum(-1, keepdim=True)
-        tv = visible[..., list(_TORSO_2D)]
-        pair_vis = tv[..., :, None] & tv[..., None, :]
-    dist = torch.linalg.vector_norm(torso[..., :, None, :] - torso[..., None, :, :], dim=-1)  # [..., 4, 4]
-    if pair_vis is not None:
-        dist = torch.where(pair_vis, dist, torch.zeros_like(dist))
-    scale = dist.flatten(-2).amax(-1)
-    if (scale <= 0).any():
-        raise KeypointError("normalize_2d: degenerate torso (all torso keypoints coincide or are hidden)")
-    return (keypoints - centre[..., None, :]) / scale[..., None, None] * 0.5
+        visible = torch.ones(keypoints.shape[:-1], dtype=torch.bool, device=keypoints.device)
+    out, valid = normalize_masked(keypoints, visible)
+    if not valid.all():
+        bad = torch.nonzero(~valid.reshape(-1))[0].item()
+        raise KeypointError(f"normalize_2d: pose {bad} cannot be normalized (no visible hip or shoulder pair, "
+                            f"or a degenerate torso)")
+    return out
+
+
+def pose_features(keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Model input: ``[..., 13, 2]`` normalized keypoints and ``[..., 13]`` bool -> ``[..., 39]``."""
+    vis = visible.to(keypoints.dtype)
+    return torch.cat([(keypoints * vis[..., None]).flatten(-2), vis], dim=-1)
+
+
+def model_input(keypoints: torch.Tensor, visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw keypoints to model features, the path shared by training views, evaluation and deployment.
+
+    Args:
+        keypoints: ``[..., 13, 2]`` pixels; NaN (or ``visible`` False) marks a missing keypoint.
+        visible: optional ``[..., 13]`` bool, ANDed with finiteness.
+    Returns:
+        (features ``[..., 39]``, valid ``[...]`` bool); invalid poses have all-zero features.
+    """
+    finite = torch.isfinite(keypoints).all(-1)
+    visible = finite if visible is None else visible & finite
+    filled = torch.where(visible[..., None], keypoints, torch.zeros_like(keypoints))
+    normalized, valid = normalize_masked(filled, visible)
+    return pose_features(normalized, visible & valid[..., None]), valid
 
 
 def normalize_3d(joints: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vipe_ray.config import LossConfig, ModelConfig
-from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
+from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D, pose_features  # noqa: F401 (re-export)
 from vipe_ray.losses import MatchProbability
 
 FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
-
-
-def pose_features(keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Model input: ``[..., 13, 2]`` normalized keypoints and ``[..., 13]`` bool -> ``[..., 39]``."""
-    vis = visible.to(keypoints.dtype)
-    return torch.cat([(keypoints * vis[..., None]).flatten(-2), vis], dim=-1)
 
 
 class FullyConnected(nn.Sequential):

@@ -19,8 +19,7 @@ from torch import nn
 
 from vipe_ray import REPO_ROOT
 from vipe_ray.config import TrainConfig
-from vipe_ray.keypoints import normalize_2d
-from vipe_ray.model import pose_features
+from vipe_ray.keypoints import model_input, pose_features
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -58,19 +57,28 @@ class PoseEmbedder(nn.Module):
     """The deployable model: raw COCO13 2D keypoints in, embedding mean and sigma out.
 
     ``forward``: ``[batch, 13, 2]`` (or temporal ``[batch, frames, 13, 2]``) keypoints in any pixel unit,
-    NaN marking a missing keypoint -> ``[batch, 2 * D]`` = mean followed by sigma. Normalization
-    (hip centre, torso scale 0.5) happens inside, so callers pass detector output as is.
+    NaN marking a missing keypoint -> ``[batch, 2 * D]`` = mean followed by sigma. Normalization runs
+    inside (:func:`vipe_ray.keypoints.model_input`, the code path training views use), so callers pass
+    detector output as is. Missing keypoints never influence the centre or scale. A pose that cannot be
+    normalized (fewer than two visible torso keypoints: shoulders and hips) gets a row of NaN; the rest of
+    its batch is embedded normally. :meth:`embed` returns the validity flags beside the embedding.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
+    def embed(self, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean ``[batch, D]``, sigma ``[batch, D]``, valid ``[batch]`` bool); invalid rows are NaN."""
+        features, valid = model_input(keypoints)
+        if valid.ndim == 2:  # temporal: a window needs every frame
+            valid = valid.all(-1)
+        mean, sigma = self.model(features.to(next(self.model.parameters()).dtype))
+        nan = torch.full_like(mean, float("nan"))
+        return torch.where(valid[:, None], mean, nan), torch.where(valid[:, None], sigma, nan), valid
+
     def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
-        visible = torch.isfinite(keypoints).all(-1)
-        filled = torch.where(visible[..., None], keypoints, torch.zeros_like(keypoints))
-        features = pose_features(normalize_2d(filled, visible), visible)
-        mean, sigma = self.model(features)
+        mean, sigma, _ = self.embed(keypoints)
         return torch.cat([mean, sigma], dim=-1)
 
 

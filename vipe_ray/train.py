@@ -69,10 +69,7 @@ def training_views(batch: int, config: TrainConfig, generator: torch.Generator) 
     first = torch.randint(count, (batch,), generator=generator)
     second = (first + torch.randint(1, count, (batch,), generator=generator)) % count
 
-    def pick(index: torch.Tensor) -> Orbits:
-        return Orbits(rig.azimuth[index], rig.elevation[index], rig.distance[index], rig.roll[index])
-
-    return pick(first), pick(second)
+    return rig.index(first), rig.index(second)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
@@ -141,18 +138,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
 
 def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
                 config: TrainConfig, generator: torch.Generator) -> dict[str, float]:
-    """One step of the 3D-lifting baseline: same views and dropout, regress the normalized camera-frame 3D.
+    """One step of the 3D-lifting baseline: regress the normalized camera-frame 3D of every view.
 
-    ``joints3d``: ``[batch, frames, 17, 3]``; the lifter reads the centre frame.
+    It sees what a Pr-VIPE step sees: the same two views of each pose (cameras, dropout, jitter drawn the
+    same way), so both methods get the same data per step. ``joints3d``: ``[batch, frames, 17, 3]``; the
+    lifter reads the centre frame.
     """
     device = next(unwrap(model).parameters()).device
     centre = joints3d[:, joints3d.shape[1] // 2]
-    orbits, _ = training_views(joints3d.shape[0], config, generator)
-    feats = view_features(centre[:, None], orbits, config.keypoint_dropout, config.optim.jitter, generator)
-    target = normalize_3d(camera_frame(centre.double(), orbits)).float().to(device)
+    orbits_a, orbits_p = training_views(joints3d.shape[0], config, generator)
+    feats, targets = [], []
+    for orbits in (orbits_a, orbits_p):
+        feats.append(view_features(centre[:, None], orbits, config.keypoint_dropout, config.optim.jitter,
+                                   generator)[:, 0])
+        targets.append(normalize_3d(camera_frame(centre.double(), orbits)).float())
     model.train()
-    predicted = model(feats[:, 0].to(device))
-    loss = torch.linalg.vector_norm(predicted - target, dim=-1).mean()
+    predicted = model(torch.cat(feats).to(device))
+    loss = torch.linalg.vector_norm(predicted - torch.cat(targets).to(device), dim=-1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,7 +1,8 @@
 """2D views of 3D poses: what the model sees.
 
-A view renders world poses through a virtual camera, keeps the 13 input keypoints, applies the reference
-2D normalization, optional jitter, and keypoint dropout, and packs the model features.
+A view renders world poses through a virtual camera and keeps the 13 input keypoints; keypoint dropout
+hides some of them; :func:`vipe_ray.keypoints.model_input` -- the same function the deployed model runs --
+normalizes from the visible keypoints only and packs the features; optional jitter is added last.
 """
 
 from __future__ import annotations
@@ -11,27 +12,43 @@ import torch
 from vipe_ray.cameras import Orbits, render
 from vipe_ray.config import KeypointDropoutConfig
 from vipe_ray.dropout import keypoint_visibility
-from vipe_ray.keypoints import normalize_2d
-from vipe_ray.model import pose_features
+from vipe_ray.keypoints import KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
 
 
-def normalized_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
-    """Render and normalize: ``[batch, frames, 17, 3]`` world metres -> ``[batch, frames, 13, 2]``.
+def rendered_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
+    """Pixels of one camera per window: ``[batch, frames, 17, 3]`` world metres -> ``[batch, frames, 13, 2]``.
 
     Each window is seen by one camera (index ``batch``), aimed at the pelvis of every frame.
     """
     b, t = joints3d.shape[:2]
-    expanded = Orbits(*(x.repeat_interleave(t) for x in (orbits.azimuth, orbits.elevation,
-                                                          orbits.distance, orbits.roll)))
+    expanded = orbits.repeat_interleave(t)
     pixels = render(joints3d.reshape(b * t, *joints3d.shape[2:]).double(), expanded)
-    return normalize_2d(pixels).reshape(b, t, *pixels.shape[1:]).float()
+    return pixels.reshape(b, t, *pixels.shape[1:])
+
+
+def normalized_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
+    """Render and normalize with every keypoint visible: ``[batch, frames, 17, 3] -> [batch, frames, 13, 2]``."""
+    return normalize_2d(rendered_view(joints3d, orbits)).float()
+
+
+def features_of(pixels: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Features of rendered keypoints ``[..., 13, 2]`` under a visibility ``[..., 13]``; all must be valid."""
+    features, valid = model_input(pixels, visible)
+    if not valid.all():
+        raise KeypointError("a rendered view cannot be normalized (fewer than two visible torso keypoints)")
+    return features.float()
 
 
 def view_features(joints3d: torch.Tensor, orbits: Orbits, dropout: KeypointDropoutConfig,
                   jitter: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Model features of one view per window: ``[batch, frames, 17, 3] -> [batch, frames, 39]``."""
-    keypoints = normalized_view(joints3d, orbits)
+    pixels = rendered_view(joints3d, orbits)
+    visible = keypoint_visibility(tuple(pixels.shape[:2]), dropout, generator)
+    features = features_of(pixels, visible)
     if jitter > 0:
-        keypoints = keypoints + jitter * torch.randn(keypoints.shape, generator=generator)
-    visible = keypoint_visibility(tuple(keypoints.shape[:2]), dropout, generator)
-    return pose_features(keypoints, visible)
+        # Reference-style jitter in normalized units, on visible keypoints only (hidden ones stay 0).
+        noise = jitter * torch.randn((*features.shape[:-1], NUM_KEYPOINTS_2D, 2), generator=generator)
+        vis = features[..., 2 * NUM_KEYPOINTS_2D:, None]
+        features = torch.cat([features[..., :2 * NUM_KEYPOINTS_2D] + (noise * vis).flatten(-2),
+                              features[..., 2 * NUM_KEYPOINTS_2D:]], dim=-1)
+    return features
