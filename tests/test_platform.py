@@ -115,6 +115,7 @@ def smoke_job(tmp_path_factory) -> dict:
                "python", "-m", "vipe_ray.sweep", "sweeps/smoke.yaml", "--tracking-uri", f"sqlite:///{db}",
                "--storage", str(tmp / "results")]
         out = subprocess.run(cmd, env=env, timeout=540, capture_output=True, text=True)
+        (tmp / "job.log").write_text(out.stdout + out.stderr)  # for a look after a failure
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, timeout=120, capture_output=True)
     return {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr,
@@ -128,8 +129,12 @@ def test_ray_job_submit_runs_the_smoke_sweep(smoke_job):
 
 
 def _job_output(stdout: str) -> str:
-    """The job's own output: `ray job submit` ends it with a "Job '...' succeeded" block."""
-    return re.split(r"\n-+\nJob '[^']+' (?:succeeded|failed)", stdout)[0].rstrip()
+    """The job's own output: without the trailing lines of `ray job submit` itself ("<time> SUCC cli.py:68
+    -- Job '...' succeeded" and its rules)."""
+    lines = stdout.rstrip().splitlines()
+    while lines and (not lines[-1].strip() or re.match(r"\d{4}-\d\d-\d\d [\d:,.]+\s+\w+ cli\.py:\d+ -- ", lines[-1])):
+        lines.pop()
+    return "\n".join(lines)
 
 
 @pytest.mark.timeout(600)
@@ -363,6 +368,11 @@ def test_interrupted_sweep_resumes_on_mlflow_server_with_postgres(mlflow_server,
     second = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=500)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "resuming" in second.stdout
+    # Run directly (not under `ray job submit`), the command's output ends with the summary table.
+    tail = second.stdout.rstrip().splitlines()
+    assert tail[-1] == f"MLflow: open {mlflow_server}/#/experiments/{tail[-1].split('/experiments/')[1]}"
+    assert tail[-1].endswith("/runs?workflowType=machine_learning") and tail[-2].startswith("registered model: ")
+    assert sum(1 for line in tail if re.match(r"[ *][0-9a-f]{8}  FINISHED ", line)) == 3
     assert _finished_trials(run_dir, 40) == 3
     for name, mtime in mtimes.items():
         assert (run_dir / name / "result.json").stat().st_mtime == mtime, f"{name} was retrained"

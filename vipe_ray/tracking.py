@@ -2,7 +2,8 @@
 
 Default store: an embedded SQLite file (``./mlflow.db``) with artifacts under ``./mlartifacts``, no server
 needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead.
-Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` and the URL a
+sweep prints (``.../#/experiments/ID/runs?workflowType=machine_learning``, see :mod:`vipe_ray.report`).
 """
 
 from __future__ import annotations
