@@ -36,10 +36,13 @@ def test_known_worker_lines_are_dropped_and_others_kept():
 def test_driver_filters_drop_only_the_listed_message(caplog):
     filter_driver_records()
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    logger.propagate = True
-    with caplog.at_level(logging.INFO, logger=logger.name):
-        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
-        logger.warning("Token authentication failed: bad token")
+    propagate, logger.propagate = logger.propagate, True  # caplog listens on the root logger
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+            logger.warning("Token authentication failed: bad token")
+    finally:
+        logger.propagate = propagate
     assert [r.getMessage() for r in caplog.records] == ["Token authentication failed: bad token"]
 
 

@@ -9,7 +9,8 @@ resources the cluster cannot provide fail with the file and key.
 
 On one machine it starts a local Ray and an embedded MLflow store (``./mlflow.db``); under
 ``ray job submit`` it joins the job's cluster. Each sweep gets an MLflow parent run, each trial a nested
-run with params, per-report metrics, the model and plots; the best trial's model is registered.
+run with params, per-report metrics, the model and plots; the best trial's model is registered. The command
+ends with a summary table read back from MLflow (:mod:`vipe_ray.report`) and the URL that opens the runs.
 """
 
 from __future__ import annotations
@@ -468,7 +469,8 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
             DESCRIPTION_TAG: _parent_description(sweep, command)})
         parent_id = parent.info.run_id
         parent_file.write_text(parent_id)
-        client.log_artifact(parent_id, sweep.path, artifact_path="sweep")
+        if Path(sweep.path).is_file():  # a sweep built in code has no YAML to attach
+            client.log_artifact(parent_id, sweep.path, artifact_path="sweep")
         client.log_dict(parent_id, {k: v.__dict__ for k, v in sweep.search_space.items()}, "search_space.json")
         for key, value in {"trials": sweep.trials, "concurrency": sweep.concurrency, "seed": sweep.seed,
                            "objective": sweep.objective.metric, "scheduler": sweep.scheduler.type,
