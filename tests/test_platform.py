@@ -351,8 +351,11 @@ def test_interrupted_sweep_resumes_on_mlflow_server_with_postgres(mlflow_server,
     first = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
-        _wait(lambda: any(_finished_trials(d, 40) >= 1 for d in storage.glob("resume-*")), 400,
-              "first trial", first)
+        # Interrupt once Tune has closed a trial: its step-40 result arrives seconds before Ray Train's teardown
+        # ends, and a trial interrupted in between is (correctly) run again on resume.
+        _wait(lambda: any(_finished_trials(d, 40) >= 1 for d in storage.glob("resume-*"))
+              and re.search(r"Trial run_trial_\w+ completed after", (tmp_path / "first.log").read_text()),
+              400, "first trial", first)
         os.killpg(first.pid, signal.SIGINT)
         first.wait(timeout=120)
     finally:
