@@ -67,6 +67,11 @@ def _write(tmp_path, text: str) -> Path:
     ("name: t\nsearch_space:\n  model.probabilistic: {type: choice, values: [yes-please]}\n", "expected true/false"),
     ("name: t\noverrides: {optim: {stepz: 3}}\nsearch_space:\n  mining.kappa: {type: uniform, low: 0.05, high: 0.2}\n",
      "optim.stepz: unknown key"),
+    (GOOD + "points_to_evaluate: [{mining.kappa: 0.3}]\n", "points_to_evaluate[0].mining.kappa: 0.3 is outside"),
+    (GOOD + "points_to_evaluate: [{model.width: 8, mining.kappa: 0.1}]\n", "points_to_evaluate[0].model.width: not a key"),
+    (GOOD + "points_to_evaluate: [{}]\n", "points_to_evaluate[0].mining.kappa: missing"),
+    (GOOD + "points_to_evaluate: {mining.kappa: 0.1}\n", "points_to_evaluate: expected a list"),
+    (GOOD + "trials: 1\npoints_to_evaluate: [{mining.kappa: 0.1}, {mining.kappa: 0.2}]\n", "2 fixed points but only 1"),
     ("name: [t\n", "malformed YAML"),
     ("- a\n- b\n", "top level must be a mapping"),
 ])
@@ -76,6 +81,13 @@ def test_bad_sweeps_fail_naming_the_key(tmp_path, text, expected):
         load_sweep(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_smoke_sweep_starts_from_a_fixed_point_unlike_optunas_first_sample():
+    """The README's main command shows a search: its first trial is fixed, away from Optuna's first draw."""
+    sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
+    assert sweep.points_to_evaluate == ({"mining.kappa": 0.08, "model.embedding_dim": 16},)
+    assert sweep.trials == 2
 
 
 def test_impossible_resources_fail_before_trials(tmp_path):

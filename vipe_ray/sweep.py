@@ -9,7 +9,8 @@ resources the cluster cannot provide fail with the file and key.
 
 On one machine it starts a local Ray and an embedded MLflow store (``./mlflow.db``); under
 ``ray job submit`` it joins the job's cluster. Each sweep gets an MLflow parent run, each trial a nested
-run with params, per-report metrics, the model and plots; the best trial's model is registered.
+run with params, per-report metrics, the model and plots; the best trial's model is registered. The command
+ends with a summary table read back from MLflow (:mod:`vipe_ray.report`) and the URL that opens the runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -100,6 +102,8 @@ class SweepConfig:
     experiment: str | None = None
     register_model: str | None = None
     validation_queries: int = 200
+    #: Fixed first trials ({dotted key: value}); Optuna samples the rest.
+    points_to_evaluate: tuple[dict[str, Any], ...] = ()
     path: str = "<dict>"
 
     @property
@@ -113,7 +117,7 @@ class SweepConfig:
 
 _TOP_KEYS = {"name", "base_config", "overrides", "search_space", "objective", "trials", "concurrency", "scheduler",
              "resources", "seed", "time_budget_s", "max_failures", "experiment", "register_model",
-             "validation_queries"}
+             "validation_queries", "points_to_evaluate"}
 
 
 def _parse_param(key: str, spec: Any, where: str) -> Param:
@@ -143,6 +147,34 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
     if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
         raise ConfigError(f"{where}: search_space.{key}: randint bounds must be integers, got {low}, {high}")
     return Param(kind, low=low, high=high)
+
+
+def _parse_points(raw: Any, space: dict[str, Param], where: str) -> tuple[dict[str, Any], ...]:
+    """``points_to_evaluate``: a list of mappings, each giving a value to every searched key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: points_to_evaluate: expected a list of mappings, got {raw!r}")
+    points = []
+    for i, point in enumerate(raw):
+        at = f"{where}: points_to_evaluate[{i}]"
+        if not isinstance(point, dict):
+            raise ConfigError(f"{at}: expected a mapping of searched keys, got {point!r}")
+        unknown, missing = sorted(set(point) - set(space)), sorted(set(space) - set(point))
+        if unknown:
+            raise ConfigError(f"{at}.{unknown[0]}: not a key of search_space")
+        if missing:
+            raise ConfigError(f"{at}.{missing[0]}: missing (a fixed point gives every searched key a value)")
+        for key, value in point.items():
+            param = space[key]
+            inside = (value in param.values if param.type == "choice" else
+                      not isinstance(value, bool) and isinstance(value, (int, float))
+                      and param.low <= value <= param.high)
+            if not inside:
+                span = list(param.values) if param.type == "choice" else f"[{param.low}, {param.high}]"
+                raise ConfigError(f"{at}.{key}: {value!r} is outside the search space {span}")
+        points.append(dict(point))
+    return tuple(points)
 
 
 def nested(dotted: dict[str, Any]) -> dict:
@@ -201,12 +233,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: overrides: expected a mapping, got {overrides!r}")
-    simple = {k: v for k, v in raw.items() if k not in ("search_space", "overrides")}
+    simple = {k: v for k, v in raw.items() if k not in ("search_space", "overrides", "points_to_evaluate")}
     try:
         sweep = _build(SweepConfig, simple)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    sweep = replace(sweep, search_space=space, overrides=overrides, path=where)
+    points = _parse_points(raw.get("points_to_evaluate"), space, where)
+    sweep = replace(sweep, search_space=space, overrides=overrides, points_to_evaluate=points, path=where)
     for key in ("trials", "concurrency", "validation_queries"):
         if getattr(sweep, key) < 1:
             raise ConfigError(f"{where}: {key}: {getattr(sweep, key)} must be >= 1")
@@ -220,6 +253,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
                 trial_config(base, {key: value}, where)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: search_space.{key} = {value!r}: {exc}") from None
+    for i, point in enumerate(points):
+        try:
+            trial_config(base, point, where)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: points_to_evaluate[{i}]: {exc}") from None
+    if len(points) > sweep.trials:
+        raise ConfigError(f"{where}: points_to_evaluate: {len(points)} fixed points but only {sweep.trials} trials")
     if sweep.objective.metric.startswith("val_") and not config.data.val_subjects:
         raise ConfigError(f"{where}: objective.metric {sweep.objective.metric!r} needs data.val_subjects")
     return sweep
@@ -276,15 +316,23 @@ def _child_run(client, experiment_id: str, parent_id: str, trial_id: str, sweep:
     if found:
         return found[0].info.run_id
     from mlflow.entities import Param as MlflowParam
-    from vipe_ray.tracking import git_commit
+    from vipe_ray.tracking import DESCRIPTION_TAG, git_commit
 
+    searched = ", ".join(f"{k} = {_short(v)}" for k, v in params.items())
+    description = (f"Trial {trial_id} of sweep `{sweep.name}`: Pr-VIPE trained for {config.optim.steps} steps "
+                   f"with {searched}; validation Hit@k every {config.checkpoint_every} steps.")
     run = client.create_run(experiment_id, run_name=f"trial-{trial_id}", tags={
         "mlflow.parentRunId": parent_id, "ray.trial_id": trial_id, "sweep": sweep.name,
-        "git_commit": git_commit(), "data_checksum": checksum})
+        "git_commit": git_commit(), "data_checksum": checksum, DESCRIPTION_TAG: description})
     values = {f"searched.{k}": v for k, v in params.items()}
     values.update(flatten(config_to_dict(config)))
     client.log_batch(run.info.run_id, params=[MlflowParam(k, str(v)[:6000]) for k, v in values.items()])
     return run.info.run_id
+
+
+def _short(value: Any) -> str:
+    """A searched value as people read it: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def run_trial(params: dict, settings: dict) -> None:
@@ -347,15 +395,19 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None,
-              tracking_uri: str | None = None, storage: str | Path = "ray_results") -> dict:
-    """Run (or resume) a sweep end to end; returns a summary with the best trial."""
-    import mlflow
+              tracking_uri: str | None = None, storage: str | Path = "ray_results",
+              command: str | None = None) -> dict:
+    """Run (or resume) a sweep end to end; returns a summary with the best trial.
+
+    ``command`` is recorded as the parent run's source (default: the sweep's ``python -m`` command). A Ray
+    started here is shut down before returning, so no worker output follows the caller's summary.
+    """
+    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from vipe_ray.tracking import default_tracking_uri, ensure_experiment, git_commit
+    from vipe_ray.console import filter_driver_records, filter_worker_logs
+    from vipe_ray.tracking import default_tracking_uri
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -369,12 +421,32 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
     else:
         run_dir = storage / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = tracking_uri or default_tracking_uri()
-    if ray.is_initialized():
-        pass
-    elif address or os.environ.get("RAY_ADDRESS"):
+    command = command or f"python -m vipe_ray.sweep {sweep.path}"
+    filter_driver_records()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" on every sweep
+    started_ray = not ray.is_initialized()
+    if started_ray and (address or os.environ.get("RAY_ADDRESS")):
         ray.init(address=address)
-    else:
+    elif started_ray:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    filter_worker_logs()
+    try:
+        return _run(sweep, resume, tracking_uri, storage, run_dir, base, command)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run_dir: Path, base: dict,
+         command: str) -> dict:
+    import mlflow
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from vipe_ray.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
+
     concurrency = check_resources(sweep, ray.cluster_resources())
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -390,11 +462,15 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
         config = trial_config(base, {})
         from vipe_ray.distributed import data_info
 
+        commit = git_commit()
         parent = client.create_run(experiment_id, run_name=run_dir.name, tags={
-            "sweep": sweep.name, "sweep_file": sweep.path, "git_commit": git_commit(),
-            "data_checksum": data_info(config)["checksum"]})
+            "sweep": sweep.name, "sweep_file": sweep.path, "git_commit": commit,
+            "data_checksum": data_info(config)["checksum"], **source_tags(sweep.path, command, commit),
+            DESCRIPTION_TAG: _parent_description(sweep, command)})
         parent_id = parent.info.run_id
         parent_file.write_text(parent_id)
+        if Path(sweep.path).is_file():  # a sweep built in code has no YAML to attach
+            client.log_artifact(parent_id, sweep.path, artifact_path="sweep")
         client.log_dict(parent_id, {k: v.__dict__ for k, v in sweep.search_space.items()}, "search_space.json")
         for key, value in {"trials": sweep.trials, "concurrency": sweep.concurrency, "seed": sweep.seed,
                            "objective": sweep.objective.metric, "scheduler": sweep.scheduler.type,
@@ -419,7 +495,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
             param_space={key: param.tune() for key, param in sweep.search_space.items()},
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=sweep.trials, max_concurrent_trials=concurrency,
-                search_alg=OptunaSearch(seed=sweep.seed), scheduler=scheduler, time_budget_s=sweep.time_budget_s),
+                search_alg=OptunaSearch(points_to_evaluate=[dict(p) for p in sweep.points_to_evaluate] or None,
+                                        seed=sweep.seed),
+                scheduler=scheduler, time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1),
         )
     grid = tuner.fit()
@@ -431,6 +509,14 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
         return {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id,
                 "tracking_uri": tracking_uri, "trials": [], "best": None, "interrupted": True}
     return summarize(grid, sweep, client, parent_id, experiment_id, tracking_uri, run_dir)
+
+
+def _parent_description(sweep: SweepConfig, command: str) -> str:
+    keys = ", ".join(sweep.search_space)
+    fixed = f" ({len(sweep.points_to_evaluate)} fixed first)" if sweep.points_to_evaluate else ""
+    return (f"Sweep `{sweep.name}`: {sweep.trials} trials{fixed} of Optuna search over {keys}, objective "
+            f"{sweep.objective.metric} ({sweep.objective.mode}); each trial is a nested run. The sweep YAML is "
+            f"attached under `sweep/`. Started with `{command}`.")
 
 
 def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: str, tracking_uri: str,
@@ -460,14 +546,15 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
     scored = [r for r in rows if isinstance(r["value"], (int, float)) and not r["error"]]
     best = (max if mode == "max" else min)(scored, key=lambda r: r["value"]) if scored else None
     summary = {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
-               "trials": rows, "best": best}
+               "experiment_id": experiment_id, "trials": rows, "best": best}
     _log_search_plots(client, parent_id, sweep, rows)
     if best is not None and best.get("model_uri"):
         client.log_metric(parent_id, f"best_{metric.replace('@', '_at_')}", float(best["value"]))
         for key, value in best["params"].items():
             client.set_tag(parent_id, f"best.{key}", value)
         mlflow.set_tracking_uri(tracking_uri)
-        version = mlflow.register_model(f"runs:/{best['run_id']}/model", sweep.registered_model)
+        # The logged model's own URI: MLflow 3 keeps models outside run artifacts and warns on runs:/.../model.
+        version = mlflow.register_model(best["model_uri"], sweep.registered_model)
         summary["registered_model"] = {"name": version.name, "version": version.version}
         client.set_tag(parent_id, "best_run_id", best["run_id"])
     client.log_dict(parent_id, summary, "sweep_summary.json")
@@ -506,7 +593,9 @@ def _log_search_plots(client, parent_id: str, sweep: SweepConfig, rows: list[dic
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ov
 
-    with tempfile.TemporaryDirectory() as directory:
+    from vipe_ray.console import quiet_optuna_plots
+
+    with tempfile.TemporaryDirectory() as directory, quiet_optuna_plots():
         ax = ov.plot_optimization_history(study)
         ax.figure.savefig(Path(directory) / "optuna_history.png", dpi=90, bbox_inches="tight")
         plt.close(ax.figure)
@@ -530,25 +619,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--storage", default="ray_results", help="Ray Tune/Train results folder")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "vipe_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
     try:
         sweep = load_sweep(args.sweep)
-        summary = run_sweep(sweep, args.resume, args.address, args.tracking_uri, args.storage)
+        summary = run_sweep(sweep, args.resume, args.address, args.tracking_uri, args.storage, command=command)
     except ConfigError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
-    best = summary["best"]
     if summary.get("interrupted"):
         return 130
-    log(f"[sweep] done: {len(summary['trials'])} trials; MLflow parent run {summary['parent_run_id']} "
-        f"({summary['tracking_uri']})")
-    for row in summary["trials"]:
-        log(f"  trial {row['trial_id']}: {sweep.objective.metric}={row['value']} steps={row['steps']} {row['params']}")
-    if best:
-        log(f"[sweep] best: {sweep.objective.metric}={best['value']:.4f} {best['params']} -> registered "
-            f"{summary.get('registered_model')}")
-    log(f"[sweep] UI: mlflow ui --backend-store-uri {summary['tracking_uri']}")
-    return 0 if best else 1
+    log("\n" + summary_table(sweep, summary))
+    return 0 if summary["best"] else 1
 
+
+def summary_table(sweep: SweepConfig, summary: dict) -> str:
+    """The closing table of a finished sweep, read back from MLflow (see :mod:`vipe_ray.report`)."""
+    import mlflow
+
+    from vipe_ray import report
+
+    evaluation = trial_config(base_values(sweep), {}).eval
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    metric, mode = sweep.objective.metric, sweep.objective.mode
+    lines = report.collect(client, summary, metric, evaluation.rigs, evaluation.ks)
+    return report.render(summary, lines, metric, mode, evaluation.rigs, evaluation.ks)
 
 if __name__ == "__main__":
     sys.exit(main())

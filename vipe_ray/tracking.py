@@ -2,7 +2,8 @@
 
 Default store: an embedded SQLite file (``./mlflow.db``) with artifacts under ``./mlartifacts``, no server
 needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead.
-Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` and the URL a
+sweep prints (``.../#/experiments/ID/runs?workflowType=machine_learning``, see :mod:`vipe_ray.report`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from vipe_ray.keypoints import model_input, pose_features
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+#: MLflow's experiment-kind tag: without it, MLflow 3's UI treats an experiment as GenAI (traces, judges).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+#: The tag MLflow's UI shows as a run's description.
+DESCRIPTION_TAG = "mlflow.note.content"
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
@@ -34,14 +40,27 @@ def default_tracking_uri(root: str | Path = ".") -> str:
 
 
 def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path = ".") -> str:
-    """Experiment id of ``name``, created if needed (SQLite stores get an absolute local artifact root)."""
+    """Experiment id of ``name``, created if needed as a model-training experiment (SQLite stores get an
+    absolute local artifact root); an existing experiment without a kind is marked as one."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:"):
         location = (Path(root) / DEFAULT_ARTIFACTS).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+
+
+def source_tags(source: str, command: str, commit: str) -> dict[str, str]:
+    """MLflow's source tags: the UI's Source column shows the base name of ``source`` (the sweep YAML) with
+    the git commit; ``command`` keeps the whole command line."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "command": command}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def git_commit() -> str:
@@ -83,17 +102,25 @@ class PoseEmbedder(nn.Module):
 
 
 def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model"):
-    """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example."""
+    """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example.
+
+    Pickle format: MLflow's pickle-free "pt2" format runs ``torch.export``, which cannot trace
+    ``keypoints.normalize_2d``'s data-dependent input checks (``if (...).any(): raise``). Until that
+    normalization is export-friendly, MLflow's generic warning about pickle is dropped for this call only.
+    """
     from mlflow.models import infer_signature
+
+    from vipe_ray.console import without_record
 
     embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
         output = embedder(example)
-    return mlflow.pytorch.log_model(
-        embedder, name=name, serialization_format="pickle",
-        signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
-        pip_requirements=["torch==2.13.0"], code_paths=[str(Path(__file__).resolve().parent)],
-    )
+    with without_record("mlflow.pytorch", "Saving pytorch model by Pickle or CloudPickle format"):
+        return mlflow.pytorch.log_model(
+            embedder, name=name, serialization_format="pickle",
+            signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
+            pip_requirements=["torch==2.13.0"], code_paths=[str(Path(__file__).resolve().parent)],
+        )
 
 
 def hit_plot(result: dict, path: Path) -> Path:
