@@ -89,14 +89,21 @@ def coco17_to_coco13(keypoints: torch.Tensor) -> torch.Tensor:
     return keypoints[..., list(COCO17_TO_COCO13), :]
 
 
+#: Largest normalized coordinate of a valid pose (see :func:`normalize_masked`).
+MAX_NORMALIZED = 4.0
+
+
 def normalize_masked(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The one 2D normalization of training, evaluation and deployment; hidden keypoints never count.
 
     Centre: the midpoint of the visible hips; with both hips hidden, the midpoint of the visible shoulders
     (a person cut off at the waist). Scale: the largest distance among the visible torso keypoints (two
     shoulders, two hips) becomes 0.5. The visibility flags reach the model, so it knows which rule applied.
-    A pose is *valid* when it has a centre and a positive scale: at least one hip or shoulder visible on
-    each side of the rule above and two distinct visible torso keypoints.
+    A pose is *valid* when it has a centre and a scale that describes the body: two distinct visible torso
+    keypoints, and no visible keypoint farther than :data:`MAX_NORMALIZED` from the centre. With the whole
+    torso visible no pose comes near that bound (the largest coordinate over 50,000 training views is 1.6);
+    a pose beyond it has a foreshortened visible torso (e.g. only the hips, seen from the side) whose
+    scale would blow the keypoints up.
 
     Args:
         keypoints: ``[..., 13, 2]`` COCO13 keypoints in any unit (pixels); hidden ones may hold anything
@@ -124,6 +131,8 @@ def normalize_masked(keypoints: torch.Tensor, visible: torch.Tensor) -> tuple[to
     valid = (count[..., 0] > 0) & (scale > 0) & torch.isfinite(scale)
     safe = torch.where(valid, scale, torch.ones_like(scale))
     out = (keypoints - centre[..., None, :]) / safe[..., None, None] * 0.5
+    reach = torch.where(visible, out.abs().amax(-1), torch.zeros_like(out[..., 0])).amax(-1)
+    valid = valid & (reach <= MAX_NORMALIZED)
     keep = visible & valid[..., None]
     return torch.where(keep[..., None], out, torch.zeros_like(out)), valid
 
@@ -142,8 +151,8 @@ def normalize_2d(keypoints: torch.Tensor, visible: torch.Tensor | None = None) -
     out, valid = normalize_masked(keypoints, visible)
     if not valid.all():
         bad = torch.nonzero(~valid.reshape(-1))[0].item()
-        raise KeypointError(f"normalize_2d: pose {bad} cannot be normalized (no visible hip or shoulder pair, "
-                            f"or a degenerate torso)")
+        raise KeypointError(f"normalize_2d: pose {bad} cannot be normalized (fewer than two visible torso "
+                            f"keypoints, or a degenerate torso)")
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vipe_ray.config import LossConfig, ModelConfig
@@ -22,6 +21,12 @@ from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D, pose_features  #
 from vipe_ray.losses import MatchProbability
 
 FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """``ELU(x) + 1`` computed as ``exp(x)`` for x < 0: in float32, ``expm1(x) + 1`` cancels to 0 from
+    x < -17 on, and a sigma of 0 makes the prior's ``log sigma`` infinite."""
+    return torch.where(x > 0, x + 1.0, torch.exp(x.clamp_max(0.0)))
 
 
 class FullyConnected(nn.Sequential):
@@ -97,7 +102,7 @@ class PrVipe(nn.Module):
         mean = self.mean_head(h)
         if self.sigma_head is None:
             return mean, torch.ones_like(mean)
-        return mean, F.elu(self.sigma_head(h)) + 1.0
+        return mean, elu_plus_one(self.sigma_head(h))
 
     def embed(self, features: torch.Tensor) -> Embedding:
         mean, sigma = self(features)

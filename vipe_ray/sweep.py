@@ -374,9 +374,10 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
         ckpt = load_checkpoint(checkpoint_path)
         config = ckpt.config
         table = load_table(config.data.table_path()).select(config.data.val_subjects)
-        result = evaluate_rigs(ckpt.model, config, table,
-                               eval_config=replace(config.eval, max_queries=sweep.validation_queries),
-                               progress=lambda _m: None)
+        # The validation protocol the trial was selected on: validation rigs, clean keypoints.
+        result = evaluate_rigs(ckpt.model, config, table, progress=lambda _m: None,
+                               eval_config=replace(config.eval, rigs=config.eval.val_rigs, occlusion=False,
+                                                   max_queries=sweep.validation_queries))
         log_figure(client, run_id, hit_plot, result, name="hit_at_k.png")
         log_figure(client, run_id, retrieval_figure, ckpt.model, config, table, name="retrievals.png")
         client.log_dict(run_id, result, "validation_retrieval.json")
@@ -641,8 +642,8 @@ def summary_table(sweep: SweepConfig, summary: dict) -> str:
     evaluation = trial_config(base_values(sweep), {}).eval
     client = mlflow.MlflowClient(summary["tracking_uri"])
     metric, mode = sweep.objective.metric, sweep.objective.mode
-    lines = report.collect(client, summary, metric, evaluation.rigs, evaluation.ks)
-    return report.render(summary, lines, metric, mode, evaluation.rigs, evaluation.ks)
+    lines = report.collect(client, summary, metric, evaluation.val_rigs, evaluation.ks)
+    return report.render(summary, lines, metric, mode, evaluation.val_rigs, evaluation.ks)
 
 if __name__ == "__main__":
     sys.exit(main())

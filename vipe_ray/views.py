@@ -12,7 +12,7 @@ import torch
 from vipe_ray.cameras import Orbits, render
 from vipe_ray.config import KeypointDropoutConfig
 from vipe_ray.dropout import keypoint_visibility
-from vipe_ray.keypoints import KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
+from vipe_ray.keypoints import TORSO_2D, KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
 
 
 def rendered_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
@@ -44,6 +44,14 @@ def view_features(joints3d: torch.Tensor, orbits: Orbits, dropout: KeypointDropo
     """Model features of one view per window: ``[batch, frames, 17, 3] -> [batch, frames, 39]``."""
     pixels = rendered_view(joints3d, orbits)
     visible = keypoint_visibility(tuple(pixels.shape[:2]), dropout, generator)
+    _, valid = model_input(pixels, visible)
+    if not valid.all():
+        # Dropout left a torso too foreshortened to normalize (e.g. only the hips, seen from the side):
+        # a training pose keeps its torso, as it keeps two torso keypoints in keypoint_visibility.
+        bad = ~valid.all(-1, keepdim=True).expand_as(valid) if valid.ndim == 2 else ~valid  # whole windows
+        restore = torch.zeros_like(visible)
+        restore[..., list(TORSO_2D)] = True
+        visible = visible | (restore & bad[..., None])
     features = features_of(pixels, visible)
     if jitter > 0:
         # Reference-style jitter in normalized units, on visible keypoints only (hidden ones stay 0).
