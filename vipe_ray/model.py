@@ -30,9 +30,20 @@ def pose_features(keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tenso
     return torch.cat([(keypoints * vis[..., None]).flatten(-2), vis], dim=-1)
 
 
+class Dropout(nn.Dropout):
+    """Inverted dropout whose mask is ``uniform < 1 - p``: the same distribution as ``nn.Dropout``, drawn about 3x
+    faster on CPU than its ``bernoulli_`` (a training step has five ``[2 batch, width]`` masks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        return x * (torch.rand_like(x) < keep).to(x.dtype).mul_(1.0 / keep)
+
+
 class FullyConnected(nn.Sequential):
     def __init__(self, fan_in: int, fan_out: int, dropout: float):
-        super().__init__(nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out), nn.ReLU(), nn.Dropout(dropout))
+        super().__init__(nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out), nn.ReLU(), Dropout(dropout))
 
 
 class ResidualBlock(nn.Module):

@@ -47,10 +47,11 @@ def build_model(config: TrainConfig) -> PrVipe:
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
     """Optimizer and a cosine decay to ``lr * lr_final_fraction`` over the run."""
     o = config.optim
+    # fused: one kernel over all parameters instead of ~6 elementwise passes per tensor (same update rule).
     if o.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
     else:
-        optimizer = torch.optim.Adagrad(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.Adagrad(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
 
     def factor(step: int) -> float:
         progress = min(step / o.steps, 1.0)
@@ -104,7 +105,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     mark("views")
 
     model.train()
-    mean, sigma = model(feats)
+    # bf16: the Linear layers' products in bfloat16 (fp32 accumulation), the embedding back in fp32 before the
+    # samples, kernels and losses.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"):
+        mean, sigma = model(feats)
+    mean, sigma = mean.float(), sigma.float()
     k = config.model.samples if config.model.probabilistic else 1
     eps = torch.randn((2 * b, k, mean.shape[-1]), generator=generator).to(device)
     samples = mean[:, None, :] + (sigma[:, None, :] * eps if config.model.probabilistic else 0.0)
