@@ -38,7 +38,8 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        return x * (torch.rand_like(x) < keep).to(x.dtype).mul_(1.0 / keep)
+        # Uniforms in fp32 whatever x's dtype: bf16 uniforms would round the keep rate.
+        return x * (torch.rand(x.shape, device=x.device) < keep).to(x.dtype).mul_(1.0 / keep)
 
 
 class FullyConnected(nn.Sequential):

@@ -76,6 +76,18 @@ def training_views(batch: int, config: TrainConfig, generator: torch.Generator) 
     return pick(first), pick(second)
 
 
+def embed(model: torch.nn.Module, features: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (mean, sigma) ``[batch, D]`` in fp32, computed in ``precision``.
+
+    ``bf16``: autocast runs the Linear layers' products in bfloat16 with fp32 accumulation (the weights stay
+    fp32); the embedding returns to fp32 before the samples, kernels and losses.
+    """
+    device = features.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        mean, sigma = model(features)
+    return mean.float(), sigma.float()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
                config: TrainConfig, generator: torch.Generator,
                timer: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -105,11 +117,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     mark("views")
 
     model.train()
-    # bf16: the Linear layers' products in bfloat16 (fp32 accumulation), the embedding back in fp32 before the
-    # samples, kernels and losses.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"):
-        mean, sigma = model(feats)
-    mean, sigma = mean.float(), sigma.float()
+    mean, sigma = embed(model, feats, config.optim.precision)
     k = config.model.samples if config.model.probabilistic else 1
     eps = torch.randn((2 * b, k, mean.shape[-1]), generator=generator).to(device)
     samples = mean[:, None, :] + (sigma[:, None, :] * eps if config.model.probabilistic else 0.0)
