@@ -62,12 +62,15 @@ class MatchProbability(nn.Module):
         flat2 = z2.reshape(m * k2, -1)
         sq2 = (flat2 ** 2).sum(-1)
         out = torch.empty(n, m, dtype=z1.dtype, device=z1.device)
+        a, b, s = self.a, self.b, self.smoothing
         for start in range(0, n, chunk):
             flat1 = z1[start:start + chunk].reshape(-1, z1.shape[-1])
-            # Squared distances by one matrix product; clamp rounding below zero before the root.
-            sq = (flat1 ** 2).sum(-1)[:, None] + sq2[None, :] - 2.0 * flat1 @ flat2.T
-            p = self.from_distance(sq.clamp_min(0.0).sqrt())
-            out[start:start + chunk] = p.reshape(-1, k1, m, k2).mean((1, 3))
+            # Squared distances by one matrix product (|x|^2 + |y|^2 - 2 x.y, fused into addmm); clamp
+            # rounding below zero before the root. In place: no graph to keep.
+            sq = torch.addmm(sq2[None, :], flat1, flat2.T, alpha=-2.0).add_((flat1 ** 2).sum(-1)[:, None])
+            sigmoid = sq.clamp_min_(0.0).sqrt_().mul_(-a).add_(b).sigmoid_()
+            # p = (1 - s) sigmoid + s/2 is affine: average the sigmoids over the K1 x K2 pairs, then map.
+            out[start:start + chunk] = sigmoid.reshape(-1, k1, m, k2).mean((1, 3)).mul_(1.0 - s).add_(0.5 * s)
         return out
 
 

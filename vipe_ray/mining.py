@@ -13,10 +13,11 @@ kappa are neither positives nor negatives. Among the candidates, ranked by kerne
 Lazy labels (:func:`mine_negatives_lazy`). Semi-hard and hard mining need one label per anchor, not the
 N x N NP-MPJPE matrix: rank anchor i's positives by kernel distance (semi-hard: only those farther than its
 own positive), ties by column index as ``min``/``argmin`` break them; the chosen negative is the first ranked
-j with NP-MPJPE(i, j) >= kappa. Labels are computed in rounds: the first ``block`` ranked columns of every
-pending anchor, then a doubled block for the anchors that found none yet, until each anchor has a negative
-or runs out of ranked columns. Since most in-batch pairs are negatives, one round usually settles almost
-every anchor: about ``block x N`` labels instead of N^2, and exactly the triplets of the full matrix.
+j with NP-MPJPE(i, j) >= kappa. Labels are computed in rounds: the top-ranked column of every anchor (an
+argmin, no sort), then, for the few anchors whose top column matches, the next ``block`` ranked columns and
+doubled blocks after that, until each anchor has a negative or runs out of ranked columns. Since most
+in-batch pairs are negatives, the first round settles almost every anchor: about N labels instead of N^2,
+and exactly the triplets of the full matrix.
 ``ratio`` mining draws from the hardest ``ceil(r x count)`` candidates, and the count needs every label of the
 row, so it keeps the full matrix.
 """
@@ -85,7 +86,7 @@ PairLabels = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLabels, kappa: float, mode: str,
                         ratio: float = 1.0, generator: torch.Generator | None = None,
-                        block: int = 4) -> Negatives:
+                        block: int = 2) -> Negatives:
     """:func:`mine_negatives` computing NP-MPJPE labels only where the ranking needs them.
 
     Args:
@@ -93,7 +94,8 @@ def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLa
         labels: NP-MPJPE of given (anchor, positive) pairs (e.g. :func:`vipe_ray.matching.indexed_np_mpjpe`);
             must give the same value for a pair whichever other pairs share the call.
         kappa: candidates have NP-MPJPE >= kappa; mode, ratio, generator: as :func:`mine_negatives`.
-        block: ranked columns labelled per pending anchor in the first round (doubling after each round).
+        block: ranked columns labelled per still-pending anchor in the round after the top-ranked one
+            (doubling after each round).
     Returns:
         The same :class:`Negatives` as ``mine_negatives(kernel, d_ap, candidate_mask(full labels, kappa), ...)``.
     """
@@ -111,24 +113,34 @@ def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLa
     inf = torch.tensor(float("inf"), dtype=kernel.dtype, device=device)
     # Semi-hard: columns not farther than the positive rank last (inf) and end an anchor's search.
     key = torch.where(kernel > d_ap[:, None], kernel, inf) if mode == "semi_hard" else kernel
-    ranked, order = torch.sort(key, dim=1, stable=True)  # stable: ties keep column order, as min/argmin
-    index = torch.zeros(n, dtype=torch.long, device=device)
-    valid = torch.zeros(n, dtype=torch.bool, device=device)
-    pending = torch.arange(n, device=device)
-    start, width = 0, max(1, block)
-    while pending.numel() and start < m:
-        cols = order[pending, start:start + width]  # [p, w]
-        usable = torch.isfinite(ranked[pending, start:start + width])
-        rows = pending[:, None].expand_as(cols)
-        label = torch.full(cols.shape, -inf.item(), dtype=kernel.dtype, device=device)
-        label[usable] = labels(rows[usable], cols[usable]).to(kernel.dtype)
-        hit = usable & (label >= kappa)
-        found = hit.any(1)
-        first = hit.to(torch.uint8).argmax(1)  # the first hit in rank order
-        index[pending[found]] = cols[found, first[found]]
-        valid[pending[found]] = True
-        # An unusable (inf) entry means every later one is too: that anchor has no negative.
-        pending = pending[~found & usable.all(1)]
-        start += width
-        width *= 2
+    all_rows = torch.arange(n, device=device)
+    # Round 0, the top-ranked column of every anchor: argmin breaks ties by the lowest column, as min does.
+    top = key.argmin(1)
+    usable = torch.isfinite(key[all_rows, top])
+    label = torch.full((n,), -inf.item(), dtype=kernel.dtype, device=device)
+    label[usable] = labels(all_rows[usable], top[usable]).to(kernel.dtype)
+    valid = label >= kappa
+    index = torch.where(valid, top, torch.zeros_like(top))
+    pending = all_rows[usable & ~valid]
+    if pending.numel():
+        # The few anchors whose top column matches: rank their row (stable sort: ties in column order, so
+        # rank 0 is the argmin above) and label the next columns in doubling blocks.
+        ranked, order = torch.sort(key[pending], dim=1, stable=True)
+        slot = torch.arange(pending.numel(), device=device)
+        start, width = 1, max(1, block)
+        while slot.numel() and start < m:
+            cols = order[slot, start:start + width]  # [p, w]
+            usable = torch.isfinite(ranked[slot, start:start + width])
+            rows = pending[slot][:, None].expand_as(cols)
+            label = torch.full(cols.shape, -inf.item(), dtype=kernel.dtype, device=device)
+            label[usable] = labels(rows[usable], cols[usable]).to(kernel.dtype)
+            hit = usable & (label >= kappa)
+            found = hit.any(1)
+            first = hit.to(torch.uint8).argmax(1)  # the first hit in rank order
+            index[pending[slot[found]]] = cols[found, first[found]]
+            valid[pending[slot[found]]] = True
+            # An unusable (inf) entry means every later one is too: that anchor has no negative.
+            slot = slot[~found & usable.all(1)]
+            start += width
+            width *= 2
     return Negatives(index, valid)
