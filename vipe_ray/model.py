@@ -112,10 +112,13 @@ class PrVipe(nn.Module):
             if features.ndim != 2 or features.shape[1] != FEATURES_PER_POSE:
                 raise ValueError(f"model expects [batch, {FEATURES_PER_POSE}], got {list(features.shape)}")
             h = self.base(features)
-        mean = self.mean_head(h)
-        if self.sigma_head is None:
-            return mean, torch.ones_like(mean)
-        return mean, F.elu(self.sigma_head(h)) + 1.0
+        # The heads always in fp32, also under bf16 autocast: sigma = ELU + 1 would round to 0 in bf16.
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            mean = self.mean_head(h)
+            if self.sigma_head is None:
+                return mean, torch.ones_like(mean)
+            return mean, F.elu(self.sigma_head(h)) + 1.0
 
     def embed(self, features: torch.Tensor) -> Embedding:
         mean, sigma = self(features)
