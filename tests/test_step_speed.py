@@ -117,3 +117,32 @@ def test_bench_counts_the_step_flops_by_hand(tiny_overrides):
     macs = 39 * 8 + 8 * 8 + 8 * 8 + 8 * 4 + 8 * 4
     expected = 2 * rows * (2 * macs + (macs - 39 * 8)) + 2 * (b * 2) ** 2 * 4
     assert bench.step_flops(model, features, config) == expected
+
+
+def test_sigma_is_elu_plus_one_without_underflow():
+    config = load_config(overrides={"model": {"width": 8, "blocks": 0}})
+    model = build_model(config).eval()
+    raw = torch.tensor([-60.0, -40.0, -17.5, -1.0, 0.0, 0.5, 3.0])
+    with torch.no_grad():
+        model.sigma_head.weight.zero_()
+    features = torch.zeros(2, 39)
+    for value in raw.double():
+        with torch.no_grad():
+            model.sigma_head.bias.fill_(value.item())
+        _, sigma = model(features)
+        # ELU(x) + 1 = x + 1 above 0 and exp(x) below (in float64, where the cancellation is harmless down to -17).
+        want = value + 1.0 if value > 0 else torch.exp(value)
+        assert sigma[0, 0].item() == pytest.approx(want.item(), rel=1e-6, abs=0.0)
+        if value > -17:
+            assert sigma[0, 0].item() == pytest.approx(torch.nn.functional.elu(value).item() + 1.0, rel=1e-6)
+    # Where fp32 ELU + 1 gives exactly 0, this sigma stays positive and log(sigma) = raw.
+    assert (torch.nn.functional.elu(torch.tensor(-40.0)) + 1.0).item() == 0.0
+    model.sigma_head.bias.data.fill_(-40.0)
+    _, sigma = model(features)
+    assert torch.log(sigma[0, 0]).item() == pytest.approx(-40.0)
+    # Gradients stay finite on both branches, large raw included.
+    model.train()
+    model.sigma_head.bias.data.copy_(torch.linspace(-200.0, 200.0, config.model.embedding_dim))
+    _, sigma = model(features)
+    sigma.sum().backward()
+    assert torch.isfinite(model.sigma_head.bias.grad).all()

@@ -118,7 +118,11 @@ class PrVipe(nn.Module):
             mean = self.mean_head(h)
             if self.sigma_head is None:
                 return mean, torch.ones_like(mean)
-            return mean, F.elu(self.sigma_head(h)) + 1.0
+            raw = self.sigma_head(h)
+            # ELU(raw) + 1, written as exp(raw) for raw <= 0: the same function, but (exp(raw) - 1) + 1 rounds
+            # to 0 in fp32 below raw ~ -17 and the KL's log(sigma) became -inf. The clamp keeps exp finite in
+            # the branch that where() discards (an inf there would turn its zero gradient into NaN).
+            return mean, torch.where(raw > 0, raw + 1.0, torch.exp(raw.clamp_max(0.0)))
 
     def embed(self, features: torch.Tensor) -> Embedding:
         mean, sigma = self(features)
