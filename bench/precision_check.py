@@ -56,7 +56,8 @@ def main() -> None:
         grads[precision] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
     g32, g16 = grads["fp32"], grads["bf16"]
     cosine = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
-    print(f"embedding bf16 vs fp32: relative error {(means['bf16'] - means['fp32']).norm() / means['fp32'].norm():.4f}; "
+    relative = ((means["bf16"] - means["fp32"]).norm() / means["fp32"].norm()).item()
+    print(f"embedding bf16 vs fp32: relative error {relative:.4f}; "
           f"gradient cosine {cosine:.5f}, relative error {(g16 - g32).norm() / g32.norm():.4f}")
 
     runs = {}
