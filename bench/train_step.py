@@ -2,7 +2,7 @@
 trained model embed poses?
 
     python bench/train_step.py [--config vipe_ray/configs/default.yaml] [--steps 20] [--set key=value ...]
-                               [--baseline REV | --baseline none]
+                               [--baseline REV | --baseline none] [--threads N]
 
 Prints, all measured in this run:
 
@@ -18,6 +18,9 @@ Prints, all measured in this run:
 The baseline is ``git archive``-d into a temporary directory and imported as ``vipe_ray`` with the current
 package's modules set aside; its functions keep their own module globals, so both versions live in one
 process. Both get the same config object, batches and seeds.
+
+On a shared 2-core machine, another busy process makes 2 intra-op threads collapse (each parallel region waits
+for the descheduled thread: 20-40x slower steps, old and new code alike); ``--threads 1`` measures there.
 """
 
 from __future__ import annotations
@@ -111,7 +114,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--baseline", default=BASELINE, help="git revision to time side by side ('none': skip)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default, all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_config(args.config, _overrides(args.set))
     table = load_table(config.data.table_path()).select(config.data.train_subjects)
     sampler = WindowSampler(table, config.temporal.window, config.temporal.stride)
