@@ -161,3 +161,76 @@ def test_procrustes_align_recovers_a_similarity_copy():
 def test_matches_is_inclusive_at_kappa():
     d = torch.tensor([0.0, 0.05, 0.1, 0.1000001, 2.0], dtype=torch.float64)
     assert matches(d, 0.1).tolist() == [True, True, True, False, False]
+
+
+# --- closed-form reflection sign and per-pair entries -------------------------------------------------------
+
+from vipe_ray.matching import CentredPoses, det3, indexed_np_mpjpe, reflection_sign  # noqa: E402
+
+
+def test_det3_hand_computed():
+    m = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 4.0]],
+                      [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],   # a swap: -1
+                      [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 10.0]],  # 1(50-48) - 2(40-42) + 3(32-35) = -3
+                      [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 5.0]]], dtype=torch.float64)  # rank 2
+    assert det3(m).tolist() == [24.0, -1.0, -3.0, 0.0]
+    r = torch.randn(50, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(det3(r), torch.linalg.det(r), atol=1e-12, rtol=1e-12)
+
+
+def svd_sign(h: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(h)
+    return torch.sign(torch.linalg.det(u @ vh))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reflection_sign_agrees_with_the_svd_on_random_matrices(dtype):
+    h = torch.randn(2000, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    sign = reflection_sign(h)
+    assert sign.dtype == dtype
+    assert set(sign.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(sign, svd_sign(h))
+
+
+@pytest.mark.parametrize("dtype,smallest", [(torch.float64, [1e-3, 1e-6, 1e-9, 1e-12]),
+                                            (torch.float32, [1e-2, 1e-3, 1e-4])])
+def test_reflection_sign_agrees_with_the_svd_on_near_degenerate_matrices(dtype, smallest):
+    # H = A diag(1, t, e) B with random orthogonal A, B (either handedness): the sign rests on the tiny e.
+    g = torch.Generator().manual_seed(2)
+    a, _ = torch.linalg.qr(torch.randn(400, 3, 3, generator=g, dtype=torch.float64))
+    b, _ = torch.linalg.qr(torch.randn(400, 3, 3, generator=g, dtype=torch.float64))
+    for e in smallest:
+        s = torch.tensor([1.0, 0.5, e], dtype=torch.float64)
+        h = ((a * s[None, None, :]) @ b).to(dtype)
+        assert torch.equal(reflection_sign(h), svd_sign(h)), e
+        assert torch.equal(reflection_sign(h.double()), torch.sign(torch.linalg.det(a) * torch.linalg.det(b)))
+
+
+def test_reflection_sign_of_a_singular_matrix_falls_back_to_the_svd():
+    h = torch.tensor([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 5.0]]], dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(h)
+    assert torch.equal(reflection_sign(h, u, vh), torch.sign(torch.linalg.det(u @ vh)))
+    assert reflection_sign(h).tolist() == [1.0]  # no factors given: +1, as the former sign(0) -> 1
+
+
+def test_rotation_is_proper_even_when_the_best_orthogonal_map_is_a_reflection():
+    pose = random_poses(1, 14)[0]
+    mirror = pose * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    aligned = procrustes_align(mirror, pose)
+    xs, xt = mirror - mirror.mean(0), aligned - pose.mean(0)
+    rotation = torch.linalg.lstsq(xs, xt).solution
+    assert torch.linalg.det(rotation).item() > 0
+
+
+@pytest.mark.parametrize("frames", [None, 3])
+def test_indexed_entries_equal_the_pairwise_matrix_bit_for_bit(frames):
+    g = torch.Generator().manual_seed(15)
+    shape = (9, 17, 3) if frames is None else (9, frames, 17, 3)
+    sources = torch.randn(shape, generator=g)
+    targets = torch.randn((7, *shape[1:]), generator=g)
+    full = pairwise_np_mpjpe(sources, targets)
+    src, tgt = CentredPoses.of(sources), CentredPoses.of(targets)
+    rows, cols = torch.randint(9, (25,), generator=g), torch.randint(7, (25,), generator=g)
+    assert torch.equal(indexed_np_mpjpe(src, tgt, rows, cols), full[rows, cols])
+    # One pair alone gives the value it has among many.
+    assert torch.equal(indexed_np_mpjpe(src, tgt, rows[:1], cols[:1]), full[rows[:1], cols[:1]])

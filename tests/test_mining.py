@@ -180,3 +180,83 @@ def test_bad_mode_raises():
 def test_bad_ratio_raises(ratio):
     with pytest.raises(ValueError, match="ratio"):
         mine_negatives(torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 2, dtype=torch.bool), "ratio", ratio=ratio)
+
+
+# --- lazy labels: the same triplets as the full NP-MPJPE matrix ---------------------------------------------
+
+from vipe_ray.matching import CentredPoses, indexed_np_mpjpe, pairwise_np_mpjpe  # noqa: E402
+from vipe_ray.mining import mine_negatives_lazy  # noqa: E402
+
+
+def clustered_poses(n: int, g: torch.Generator, frames: int | None = None, prototypes: int = 5) -> torch.Tensor:
+    """Poses around a few prototypes, so that many pairs match (NP-MPJPE < kappa) and many do not."""
+    shape = (17, 3) if frames is None else (frames, 17, 3)
+    centres = torch.randn((prototypes, *shape), generator=g, dtype=torch.float64)
+    noise = torch.rand((n, *[1] * len(shape)), generator=g, dtype=torch.float64) * 0.06
+    return centres[torch.randint(prototypes, (n,), generator=g)] + noise * torch.randn((n, *shape), generator=g,
+                                                                                 dtype=torch.float64)
+
+
+class CountingLabels:
+    def __init__(self, poses: torch.Tensor):
+        self.poses = CentredPoses.of(poses)
+        self.pairs = 0
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        self.pairs += rows.numel()
+        return indexed_np_mpjpe(self.poses, self.poses, rows, cols)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("frames", [None, 3])
+def test_lazy_labels_give_the_triplets_of_the_full_matrix(mode, frames):
+    g = torch.Generator().manual_seed(3)
+    seen_matches = seen_invalid = 0
+    for trial in range(12):
+        n = int(torch.randint(4, 48, (1,), generator=g))
+        # Trial 0: one cluster, where some anchors have no candidate at all.
+        poses = clustered_poses(n, g, frames, prototypes=1 if trial == 0 else 5)
+        full = pairwise_np_mpjpe(poses, poses)
+        candidates = candidate_mask(full, 0.1)
+        seen_matches += int((~candidates).sum()) - n
+        # Kernel values on a coarse grid: ties, which min/argmin break by the lowest column.
+        kernel = torch.randint(0, 6, (n, n), generator=g).float() / 4
+        d_ap = kernel.diagonal().clone() if trial % 2 else torch.rand(n, generator=g)
+        for block in (1, 3, 64):
+            expected = mine_negatives(kernel, d_ap, candidates, mode, 0.3, torch.Generator().manual_seed(trial))
+            got = mine_negatives_lazy(kernel, d_ap, CountingLabels(poses), 0.1, mode, 0.3,
+                                      torch.Generator().manual_seed(trial), block=block)
+            assert torch.equal(got.valid, expected.valid), (trial, block)
+            assert torch.equal(got.index, expected.index), (trial, block)
+        seen_invalid += int((~expected.valid).sum())
+    assert seen_matches > 0 and seen_invalid > 0, "the batches exercise matches and anchors without a negative"
+
+
+@pytest.mark.parametrize("mode", ["semi_hard", "hard"])
+def test_lazy_labels_compute_few_entries(mode):
+    # Unrelated poses: nearly every pair is a negative, so the first round settles almost every anchor.
+    g = torch.Generator().manual_seed(4)
+    poses = torch.randn(128, 17, 3, generator=g, dtype=torch.float64)
+    kernel = torch.rand(128, 128, generator=g)
+    labels = CountingLabels(poses)
+    negatives = mine_negatives_lazy(kernel, kernel.diagonal(), labels, 0.1, mode)
+    assert negatives.valid.any()
+    assert labels.pairs <= 128 + 4 * 6 < 128 * 128 // 50
+
+
+def test_lazy_labels_fall_back_to_the_full_matrix_for_non_finite_kernels():
+    g = torch.Generator().manual_seed(5)
+    poses = clustered_poses(12, g)
+    candidates = candidate_mask(pairwise_np_mpjpe(poses, poses), 0.1)
+    kernel = torch.rand(12, 12, generator=g)
+    kernel[0] = float("inf")
+    kernel[1, :6] = float("inf")
+    for mode in ("semi_hard", "hard"):
+        expected = mine_negatives(kernel, kernel.diagonal(), candidates, mode)
+        got = mine_negatives_lazy(kernel, kernel.diagonal(), CountingLabels(poses), 0.1, mode)
+        assert torch.equal(got.index, expected.index) and torch.equal(got.valid, expected.valid)
+
+
+def test_lazy_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="mode"):
+        mine_negatives_lazy(torch.zeros(2, 2), torch.zeros(2), CountingLabels(torch.randn(2, 17, 3)), 0.1, "easy")

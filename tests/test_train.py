@@ -25,7 +25,7 @@ def test_train_step_updates_parameters_and_reports_metrics(tiny_overrides):
     batch = WindowSampler(table).sample(config.optim.batch_size, generator)
     phases = []
     metrics = train_step(model, optimizer, batch, config, generator, timer=phases.append)
-    assert phases == ["views", "mining", "forward", "backward"]
+    assert phases == ["views", "forward", "mining", "loss", "backward"]
     changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert all(changed), "every parameter, a and b included, receives a gradient step"
     assert 0.0 < metrics["active_triplets"] <= 1.0

@@ -192,6 +192,9 @@ class OptimConfig:
     steps: int = 3000
     batch_size: int = 256
     jitter: float = 0.0
+    #: Arithmetic of the embedder's forward and backward: ``fp32``, or ``bf16`` autocast (the Linear layers'
+    #: products in bfloat16 with fp32 accumulation; weights, BatchNorm, the kernel and the losses stay fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

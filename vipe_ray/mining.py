@@ -9,11 +9,23 @@ kappa are neither positives nor negatives. Among the candidates, ranked by kerne
 * ``hard``: the nearest candidate;
 * ``ratio`` (vipe-ray's extension): uniformly one of the hardest ``ceil(r * candidates)`` (at least one).
   r -> 0 approaches hard mining, r = 1 is a random valid negative.
+
+Lazy labels (:func:`mine_negatives_lazy`). Semi-hard and hard mining need one label per anchor, not the
+N x N NP-MPJPE matrix: rank anchor i's positives by kernel distance (semi-hard: only those farther than its
+own positive), ties by column index as ``min``/``argmin`` break them; the chosen negative is the first ranked
+j with NP-MPJPE(i, j) >= kappa. Labels are computed in rounds: the top-ranked column of every anchor (an
+argmin, no sort), then, for the few anchors whose top column matches, the next ``block`` ranked columns and
+doubled blocks after that, until each anchor has a negative or runs out of ranked columns. Since most
+in-batch pairs are negatives, the first round settles almost every anchor: about N labels instead of N^2,
+and exactly the triplets of the full matrix.
+``ratio`` mining draws from the hardest ``ceil(r x count)`` candidates, and the count needs every label of the
+row, so it keeps the full matrix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -65,3 +77,70 @@ def mine_negatives(kernel: torch.Tensor, d_ap: torch.Tensor, candidates: torch.T
     u = torch.rand(kernel.shape[0], generator=generator, dtype=kernel.dtype).to(kernel.device)
     rank = torch.minimum((u * pool).long(), (pool - 1).long())
     return Negatives(order.gather(1, rank[:, None]).squeeze(1), valid)
+
+
+#: Labels of (anchor ``rows[p]``, positive ``cols[p]``) pairs: ``[P]`` long x2 -> ``[P]`` NP-MPJPE.
+PairLabels = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLabels, kappa: float, mode: str,
+                        ratio: float = 1.0, generator: torch.Generator | None = None,
+                        block: int = 2) -> Negatives:
+    """:func:`mine_negatives` computing NP-MPJPE labels only where the ranking needs them.
+
+    Args:
+        kernel: ``[N, M]`` kernel distance from anchor i to positive j; d_ap: ``[N]``.
+        labels: NP-MPJPE of given (anchor, positive) pairs (e.g. :func:`vipe_ray.matching.indexed_np_mpjpe`);
+            must give the same value for a pair whichever other pairs share the call.
+        kappa: candidates have NP-MPJPE >= kappa; mode, ratio, generator: as :func:`mine_negatives`.
+        block: ranked columns labelled per still-pending anchor in the round after the top-ranked one
+            (doubling after each round).
+    Returns:
+        The same :class:`Negatives` as ``mine_negatives(kernel, d_ap, candidate_mask(full labels, kappa), ...)``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mining mode must be one of {MODES}, got {mode!r}")
+    n, m = kernel.shape
+    device = kernel.device
+    # ratio needs each row's candidate count; non-finite kernels make min/argmin pick non-candidate
+    # columns among infinities: both take the full matrix, whose semantics are the definition.
+    if mode == "ratio" or not bool(torch.isfinite(kernel).all()):
+        rows = torch.arange(n, device=device).repeat_interleave(m)
+        cols = torch.arange(m, device=device).repeat(n)
+        candidates = candidate_mask(labels(rows, cols).reshape(n, m), kappa)
+        return mine_negatives(kernel, d_ap, candidates, mode, ratio, generator)
+    inf = torch.tensor(float("inf"), dtype=kernel.dtype, device=device)
+    # Semi-hard: columns not farther than the positive rank last (inf) and end an anchor's search.
+    key = torch.where(kernel > d_ap[:, None], kernel, inf) if mode == "semi_hard" else kernel
+    all_rows = torch.arange(n, device=device)
+    # Round 0, the top-ranked column of every anchor: argmin breaks ties by the lowest column, as min does.
+    top = key.argmin(1)
+    usable = torch.isfinite(key[all_rows, top])
+    label = torch.full((n,), -inf.item(), dtype=kernel.dtype, device=device)
+    label[usable] = labels(all_rows[usable], top[usable]).to(kernel.dtype)
+    valid = label >= kappa
+    index = torch.where(valid, top, torch.zeros_like(top))
+    pending = all_rows[usable & ~valid]
+    if pending.numel():
+        # The few anchors whose top column matches: rank their row (stable sort: ties in column order, so
+        # rank 0 is the argmin above) and label the next columns in doubling blocks.
+        ranked, order = torch.sort(key[pending], dim=1, stable=True)
+        slot = torch.arange(pending.numel(), device=device)
+        start, width = 1, max(1, block)
+        while slot.numel() and start < m:
+            cols = order[slot, start:start + width]  # [p, w]
+            usable = torch.isfinite(ranked[slot, start:start + width])
+            rows = pending[slot][:, None].expand_as(cols)
+            label = torch.full(cols.shape, -inf.item(), dtype=kernel.dtype, device=device)
+            label[usable] = labels(rows[usable], cols[usable]).to(kernel.dtype)
+            hit = usable & (label >= kappa)
+            found = hit.any(1)
+            first = hit.to(torch.uint8).argmax(1)  # the first hit in rank order
+            index[pending[slot[found]]] = cols[found, first[found]]
+            valid[pending[slot[found]]] = True
+            # An unusable (inf) entry means every later one is too: that anchor has no negative.
+            slot = slot[~found & usable.all(1)]
+            start += width
+            width *= 2
+    return Negatives(index, valid)

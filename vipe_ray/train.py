@@ -25,8 +25,8 @@ from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_t
 from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import normalize_3d
 from vipe_ray.losses import gaussian_kl, kernel_distance, triplet_ratio_loss
-from vipe_ray.matching import pairwise_np_mpjpe
-from vipe_ray.mining import candidate_mask, mine_negatives
+from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
+from vipe_ray.mining import mine_negatives_lazy
 from vipe_ray.model import Lifter, PrVipe
 from vipe_ray.views import view_features
 
@@ -47,10 +47,11 @@ def build_model(config: TrainConfig) -> PrVipe:
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
     """Optimizer and a cosine decay to ``lr * lr_final_fraction`` over the run."""
     o = config.optim
+    # fused: one kernel over all parameters instead of ~6 elementwise passes per tensor (same update rule).
     if o.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
     else:
-        optimizer = torch.optim.Adagrad(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.Adagrad(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
 
     def factor(step: int) -> float:
         progress = min(step / o.steps, 1.0)
@@ -72,6 +73,18 @@ def training_views(batch: int, config: TrainConfig, generator: torch.Generator) 
     return rig.index(first), rig.index(second)
 
 
+def embed(model: torch.nn.Module, features: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (mean, sigma) ``[batch, D]`` in fp32, computed in ``precision``.
+
+    ``bf16``: autocast runs the Linear layers' products in bfloat16 with fp32 accumulation (the weights stay
+    fp32); the embedding returns to fp32 before the samples, kernels and losses.
+    """
+    device = features.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        mean, sigma = model(features)
+    return mean.float(), sigma.float()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
                config: TrainConfig, generator: torch.Generator,
                timer: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -82,7 +95,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
         joints3d: ``[batch, frames, 17, 3]`` world joints in metres (frames = 1 without temporal embedding).
         generator: CPU generator for cameras, dropout, sampling and mining (the step's only randomness
             besides the model's dropout layers).
-        timer: optional callback marking phase boundaries ("views", "mining", "forward", "backward").
+        timer: optional callback marking the end of each phase, in order: "views", "forward" (the embedding),
+            "mining" (ranking kernel and lazy labels), "loss" (K-sample kernels and losses), "backward" (with
+            the optimizer step).
     Returns:
         Scalar metrics of the step (losses, a, b, active-triplet share, ...).
     """
@@ -97,29 +112,31 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
         view_features(joints3d, orbits_p, config.keypoint_dropout, jitter, generator),
     ]).to(device)
     mark("views")
-    # Anchor i and positive j show the 3D poses i and j, so one pose-by-pose matrix labels all pairs.
-    poses = joints3d.to(device)
-    candidates = candidate_mask(pairwise_np_mpjpe(poses, poses), config.mining.kappa)
-    mark("mining")
 
     model.train()
-    mean, sigma = model(feats)
+    mean, sigma = embed(model, feats, config.optim.precision)
     k = config.model.samples if config.model.probabilistic else 1
     eps = torch.randn((2 * b, k, mean.shape[-1]), generator=generator).to(device)
     samples = mean[:, None, :] + (sigma[:, None, :] * eps if config.model.probabilistic else 0.0)
     z_a, z_p = samples[:b], samples[b:]
     match = module.match
+    mark("forward")
+    # Anchor i and positive j show the 3D poses i and j: labels of (pose i, pose j), computed only where the
+    # kernel ranking asks for them (see vipe_ray.mining); the same triplets as the full matrix.
+    poses = CentredPoses.of(joints3d.to(device))
     rank_k = config.mining.samples or k
     kernel = kernel_distance(match.pairwise(z_a[:, :rank_k].detach(), z_p[:, :rank_k].detach()))
-    negatives = mine_negatives(kernel, kernel.diagonal(), candidates, config.mining.mode,
-                               config.mining.hard_negative_ratio, generator)
+    negatives = mine_negatives_lazy(kernel, kernel.diagonal(), lambda i, j: indexed_np_mpjpe(poses, poses, i, j),
+                                    config.mining.kappa, config.mining.mode, config.mining.hard_negative_ratio,
+                                    generator)
+    mark("mining")
     d_ap = kernel_distance(match(z_a, z_p))
     d_an = kernel_distance(match(z_a, z_p[negatives.index]))
     triplet, active = triplet_ratio_loss(d_ap, d_an, negatives.valid, config.loss.margin)
     positive = d_ap.mean()
     kl = gaussian_kl(mean, sigma) if config.model.probabilistic else torch.zeros((), device=device)
     loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
-    mark("forward")
+    mark("loss")
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -1,0 +1,148 @@
+"""The speed work of the training step (issue 8): what each shortcut must keep equal to the plain version.
+
+No timings here (the bench measures them); these tests pin the math: the dropout distribution, bf16 gradients
+close to fp32 ones, the fused optimizers, the precision field and the bench's FLOP count.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from vipe_ray.config import ConfigError, load_config, merge
+from vipe_ray.data import WindowSampler, load_table
+from vipe_ray.model import Dropout
+from vipe_ray.train import build_model, build_optimizer, embed, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dropout_is_inverted_dropout_with_the_right_keep_rate():
+    torch.manual_seed(0)
+    layer = Dropout(0.3)
+    x = torch.ones(200_000, requires_grad=True)
+    y = layer(x)
+    kept = y > 0
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.7)]
+    # Binomial(200000, 0.7): standard deviation ~0.001 of the share.
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach()), "the gradient is the same scaled mask"
+    layer.eval()
+    assert layer(x) is x
+    assert Dropout(0.0)(x) is x
+
+
+def test_precision_is_a_validated_config_field():
+    assert load_config().optim.precision == "fp32"
+    assert load_config(overrides={"optim": {"precision": "bf16"}}).optim.precision == "bf16"
+    with pytest.raises(ConfigError, match="optim.precision"):
+        load_config(overrides={"optim": {"precision": "fp16"}})
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_optimizers_are_fused_and_step_like_the_plain_ones(tiny_overrides, name):
+    config = load_config(overrides=merge(tiny_overrides, {"optim": {"optimizer": name}}))
+    model = build_model(config)
+    optimizer, _ = build_optimizer(config, model)
+    assert optimizer.param_groups[0]["fused"] is True
+    plain_model = copy.deepcopy(model)
+    plain = (torch.optim.Adam if name == "adam" else torch.optim.Adagrad)(plain_model.parameters(),
+                                                                          lr=config.optim.lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), plain_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        plain.step()
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_embedding_and_gradients_stay_close_to_fp32():
+    config = load_config(overrides={"model": {"width": 512}})
+    torch.manual_seed(0)
+    model = build_model(config)
+    g = torch.Generator().manual_seed(1)
+    features, probe = torch.randn(256, 39, generator=g), torch.randn(256, 16, generator=g)
+    out, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        m = copy.deepcopy(model)
+        m.train()
+        torch.manual_seed(2)  # the same dropout masks
+        mean, sigma = embed(m, features, precision)
+        assert mean.dtype == sigma.dtype == torch.float32
+        (mean * probe).sum().add(sigma.sum()).backward()
+        out[precision] = mean.detach()
+        grads[precision] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    relative = ((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm()).item()
+    assert relative < 0.02  # bf16 keeps 8 bits: ~0.4% per product, a few layers deep
+    assert torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0).item() > 0.99
+
+
+def test_bf16_step_trains(tiny_overrides):
+    config = load_config(overrides=merge(tiny_overrides, {"optim": {"precision": "bf16"}}))
+    table = load_table(config.data.table_path()).select(config.data.train_subjects)
+    model = build_model(config)
+    optimizer, _ = build_optimizer(config, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    metrics = train_step(model, optimizer, WindowSampler(table).sample(24, g), config, g)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_counts_the_step_flops_by_hand(tiny_overrides):
+    bench = load_bench()
+    config = load_config(overrides=merge(tiny_overrides, {"model": {"width": 8, "blocks": 1, "embedding_dim": 4,
+                                                                    "samples": 3}, "mining": {"samples": 2}}))
+    model = build_model(config)
+    rows, b = 10, 5
+    features = torch.zeros(rows, 39)
+    # Linears 39->8, 8->8, 8->8 and two heads 8->4: forward 2 rows (in x out), weight gradient the same,
+    # input gradient for all but the first layer; the mining kernel (b x 2 samples)^2 x 4 dims.
+    macs = 39 * 8 + 8 * 8 + 8 * 8 + 8 * 4 + 8 * 4
+    expected = 2 * rows * (2 * macs + (macs - 39 * 8)) + 2 * (b * 2) ** 2 * 4
+    assert bench.step_flops(model, features, config) == expected
+
+
+def test_sigma_is_elu_plus_one_without_underflow():
+    config = load_config(overrides={"model": {"width": 8, "blocks": 0}})
+    model = build_model(config).eval()
+    raw = torch.tensor([-60.0, -40.0, -17.5, -1.0, 0.0, 0.5, 3.0])
+    with torch.no_grad():
+        model.sigma_head.weight.zero_()
+    features = torch.zeros(2, 39)
+    for value in raw.double():
+        with torch.no_grad():
+            model.sigma_head.bias.fill_(value.item())
+        _, sigma = model(features)
+        # ELU(x) + 1 = x + 1 above 0 and exp(x) below (in float64, where the cancellation is harmless down to -17).
+        want = value + 1.0 if value > 0 else torch.exp(value)
+        assert sigma[0, 0].item() == pytest.approx(want.item(), rel=1e-6, abs=0.0)
+        if value > -17:
+            assert sigma[0, 0].item() == pytest.approx(torch.nn.functional.elu(value).item() + 1.0, rel=1e-6)
+    # Where fp32 ELU + 1 gives exactly 0, this sigma stays positive and log(sigma) = raw.
+    assert (torch.nn.functional.elu(torch.tensor(-40.0)) + 1.0).item() == 0.0
+    model.sigma_head.bias.data.fill_(-40.0)
+    _, sigma = model(features)
+    assert torch.log(sigma[0, 0]).item() == pytest.approx(-40.0)
+    # Gradients stay finite on both branches, large raw included.
+    model.train()
+    model.sigma_head.bias.data.copy_(torch.linspace(-200.0, 200.0, config.model.embedding_dim))
+    _, sigma = model(features)
+    sigma.sum().backward()
+    assert torch.isfinite(model.sigma_head.bias.grad).all()
