@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from vipe_ray.config import load_config
 from vipe_ray.data import load_table
 from vipe_ray.evaluate import evaluate_rigs
@@ -29,6 +31,9 @@ CANDIDATES = {
     "paper_cameras+dropout": {"cameras": PAPER, "keypoint_dropout": DROPOUT},
     "broad_cameras+dropout": {"cameras": BROAD, "keypoint_dropout": DROPOUT},
     "broad_cameras": {"cameras": BROAD, "keypoint_dropout": {"mode": "off"}},
+    "broad+dropout_ramp": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "ramp": 0.5}},
+    "broad+dropout_anchor": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor"}},
+    "broad+dropout_anchor_ramp": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor", "ramp": 0.5}},
 }
 LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg")
 
@@ -40,7 +45,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--out", default="runs/recipe")
     parser.add_argument("--only", nargs="+", choices=sorted(CANDIDATES), help="candidates to run")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {}
     for name, overrides in CANDIDATES.items():
         if args.only and name not in args.only:

@@ -38,8 +38,11 @@ def test_dropout_is_inverted_dropout_with_the_right_keep_rate():
 
 
 def test_precision_is_a_validated_config_field():
-    assert load_config().optim.precision == "fp32"
-    assert load_config(overrides={"optim": {"precision": "bf16"}}).optim.precision == "bf16"
+    from vipe_ray.config import OptimConfig
+
+    assert OptimConfig().precision == "fp32", "the reference precision unless a config asks for bf16"
+    assert load_config().optim.precision == "bf16", "the shipped default trains with bf16 matmuls"
+    assert load_config(overrides={"optim": {"precision": "fp32"}}).optim.precision == "fp32"
     with pytest.raises(ConfigError, match="optim.precision"):
         load_config(overrides={"optim": {"precision": "fp16"}})
 

@@ -182,3 +182,24 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert not (tmp_path / "x").exists(), "a rejected config writes nothing"
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no prvipe checkpoint" in capsys.readouterr().err
+
+
+def test_dropout_ramp_and_anchor_only_views():
+    """``keypoint_dropout.ramp`` raises the occluded share linearly; ``views: anchor`` keeps positives whole."""
+    from vipe_ray.config import KeypointDropoutConfig
+    from vipe_ray.train import view_dropouts
+
+    config = load_config(overrides={"keypoint_dropout": {"mode": "both", "instance_prob": 0.6, "views": "anchor",
+                                                         "ramp": 0.5}})
+    anchor, positive = view_dropouts(config, 0.0)
+    assert anchor.instance_prob == 0.0 and positive == KeypointDropoutConfig()
+    assert view_dropouts(config, 0.125)[0].instance_prob == pytest.approx(0.15)
+    assert view_dropouts(config, 0.5)[0].instance_prob == 0.6 and view_dropouts(config, 0.9)[0].instance_prob == 0.6
+    both = load_config(overrides={"keypoint_dropout": {"mode": "structured", "instance_prob": 0.4, "views": "both",
+                                                       "ramp": 0.0}})
+    anchor, positive = view_dropouts(both, 0.0)
+    assert anchor == positive == both.keypoint_dropout, "no ramp, both views: the configured dropout throughout"
+    with pytest.raises(ConfigError, match="keypoint_dropout.views"):
+        load_config(overrides={"keypoint_dropout": {"views": "positive"}})
+    with pytest.raises(ConfigError, match="keypoint_dropout.ramp"):
+        load_config(overrides={"keypoint_dropout": {"ramp": 1.5}})

@@ -90,9 +90,19 @@ class KeypointDropoutConfig:
     mode: Literal["off", "independent", "structured", "both"] = "off"
     instance_prob: float = 0.3
     keypoint_prob: float = 0.1
+    #: Which training views lose keypoints: both, or the anchor only (its positive stays whole).
+    views: Literal["both", "anchor"] = "both"
+    #: Fraction of the run over which ``instance_prob`` rises linearly from 0 (0 = from the first step).
+    ramp: float = 0.0
+
+    def at(self, progress: float) -> "KeypointDropoutConfig":
+        """The dropout in force at ``progress`` (step / steps) of a run."""
+        if self.ramp <= 0 or progress >= self.ramp:
+            return self
+        return dataclasses.replace(self, instance_prob=self.instance_prob * max(progress, 0.0) / self.ramp)
 
     def __post_init__(self) -> None:
-        for name in ("instance_prob", "keypoint_prob"):
+        for name in ("instance_prob", "keypoint_prob", "ramp"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"keypoint_dropout.{name}: {v} is not a probability in [0, 1]")

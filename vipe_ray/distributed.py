@@ -176,7 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     kept: str | None = None  # local mode: the last checkpoint's temporary directory
     while step < total:
         batch = sampler.sample(config.optim.batch_size, generator)
-        window.append(train_step(ddp_model, optimizer, batch, config, generator))
+        window.append(train_step(ddp_model, optimizer, batch, config, generator, progress=step / total))
         scheduler.step()
         step += 1
         fail_at = loop_config.get("fail_at_step")

@@ -21,7 +21,7 @@ import yaml
 
 from vipe_ray import log
 from vipe_ray.cameras import RIGS, Orbits, camera_frame, sample_orbits
-from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from vipe_ray.config import ConfigError, KeypointDropoutConfig, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import normalize_3d
 from vipe_ray.losses import gaussian_kl, kernel_distance, triplet_ratio_loss
@@ -85,9 +85,15 @@ def embed(model: torch.nn.Module, features: torch.Tensor, precision: str = "fp32
     return mean.float(), sigma.float()
 
 
+def view_dropouts(config: TrainConfig, progress: float) -> tuple[KeypointDropoutConfig, KeypointDropoutConfig]:
+    """Keypoint dropout of the anchor and the positive view at ``progress`` (step / steps) of the run."""
+    dropout = config.keypoint_dropout.at(progress)
+    return dropout, (dropout if dropout.views == "both" else KeypointDropoutConfig())
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
                config: TrainConfig, generator: torch.Generator,
-               timer: Callable[[str], None] | None = None) -> dict[str, float]:
+               timer: Callable[[str], None] | None = None, progress: float = 1.0) -> dict[str, float]:
     """One Pr-VIPE optimisation step on a batch of 3D poses.
 
     Args:
@@ -95,6 +101,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
         joints3d: ``[batch, frames, 17, 3]`` world joints in metres (frames = 1 without temporal embedding).
         generator: CPU generator for cameras, dropout, sampling and mining (the step's only randomness
             besides the model's dropout layers).
+        progress: step / steps of the run (keypoint dropout may ramp up with it).
         timer: optional callback marking the end of each phase, in order: "views", "forward" (the embedding),
             "mining" (ranking kernel and lazy labels), "loss" (K-sample kernels and losses), "backward" (with
             the optimizer step).
@@ -107,9 +114,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     b = joints3d.shape[0]
     orbits_a, orbits_p = training_views(b, config, generator)
     jitter = config.optim.jitter
+    dropout_a, dropout_p = view_dropouts(config, progress)
     feats = torch.cat([
-        view_features(joints3d, orbits_a, config.keypoint_dropout, jitter, generator),
-        view_features(joints3d, orbits_p, config.keypoint_dropout, jitter, generator),
+        view_features(joints3d, orbits_a, dropout_a, jitter, generator),
+        view_features(joints3d, orbits_p, dropout_p, jitter, generator),
     ]).to(device)
     mark("views")
 
@@ -154,7 +162,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
 
 
 def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
-                config: TrainConfig, generator: torch.Generator) -> dict[str, float]:
+                config: TrainConfig, generator: torch.Generator, progress: float = 1.0) -> dict[str, float]:
     """One step of the 3D-lifting baseline: regress the normalized camera-frame 3D of every view.
 
     It sees what a Pr-VIPE step sees: the same two views of each pose (cameras, dropout, jitter drawn the
@@ -165,9 +173,8 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     centre = joints3d[:, joints3d.shape[1] // 2]
     orbits_a, orbits_p = training_views(joints3d.shape[0], config, generator)
     feats, targets = [], []
-    for orbits in (orbits_a, orbits_p):
-        feats.append(view_features(centre[:, None], orbits, config.keypoint_dropout, config.optim.jitter,
-                                   generator)[:, 0])
+    for orbits, dropout in zip((orbits_a, orbits_p), view_dropouts(config, progress)):
+        feats.append(view_features(centre[:, None], orbits, dropout, config.optim.jitter, generator)[:, 0])
         targets.append(normalize_3d(camera_frame(centre.double(), orbits)).float())
     model.train()
     predicted = model(torch.cat(feats).to(device))
@@ -274,7 +281,7 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
     try:
         while step < total:
             batch = sampler.sample(config.optim.batch_size, generator)
-            metrics = step_fn(model, optimizer, batch, config, generator)
+            metrics = step_fn(model, optimizer, batch, config, generator, progress=step / total)
             scheduler.step()
             step += 1
             if step % config.log_every == 0 or step == total:
