@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from vipe_ray.console import drop_known_lines, filter_driver_records, quiet_optuna_plots, without_record
+from vipe_ray.console import drop_known_lines, filter_driver_records, quiet_optuna_plots
 from vipe_ray.report import TrialLine, render, ui_hint
 
 
@@ -44,31 +44,6 @@ def test_driver_filters_drop_only_the_listed_message(caplog):
     finally:
         logger.propagate = propagate
     assert [r.getMessage() for r in caplog.records] == ["Token authentication failed: bad token"]
-
-
-class _Records(logging.Handler):
-    """Collects what reaches a logger's own handlers (MLflow's loggers do not propagate to pytest's)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_pickle_note_is_dropped_only_inside_the_call():
-    logger = logging.getLogger("mlflow.pytorch")
-    records = _Records()
-    logger.addHandler(records)
-    try:
-        with without_record("mlflow.pytorch", "Saving pytorch model by Pickle"):
-            logger.warning("Saving pytorch model by Pickle or CloudPickle format requires exercising caution")
-            logger.warning("something else")
-        logger.warning("Saving pytorch model by Pickle or CloudPickle format requires exercising caution")
-    finally:
-        logger.removeHandler(records)
-    assert [m[:20] for m in records.messages] == ["something else", "Saving pytorch model"]
 
 
 def test_optuna_experimental_warnings_are_quiet_only_for_the_plots():

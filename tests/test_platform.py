@@ -6,6 +6,7 @@ Every service is started here on loopback with a time budget and stopped at the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -203,14 +204,14 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.fixture
-def mlflow_ui(smoke_job, tmp_path):
-    """A lean `mlflow server` (no job runner, one worker) on the smoke sweep's store, on 127.0.0.1."""
+@contextlib.contextmanager
+def _lean_mlflow_server(backend: str, log_path: Path, *extra: str):
+    """A lean `mlflow server` (no job runner, one worker) on ``backend``, on 127.0.0.1; yields its URL."""
     port = _free_port()
     env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(tmp_path / "mlflow-ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             smoke_job["tracking_uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, *extra,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc)
@@ -222,6 +223,13 @@ def mlflow_ui(smoke_job, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture
+def mlflow_ui(smoke_job, tmp_path):
+    """The MLflow UI on the smoke sweep's store."""
+    with _lean_mlflow_server(smoke_job["tracking_uri"], tmp_path / "mlflow-ui.log") as url:
+        yield url
 
 
 def check_mlflow_ui(url: str, chromium: str, tracking_uri: str, experiment: str, shots: Path) -> None:
@@ -309,23 +317,9 @@ def postgres(tmp_path):
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
     """`mlflow server` on 127.0.0.1 backed by PostgreSQL, with a local artifact store."""
-    port = _free_port()
-    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with _lean_mlflow_server(postgres, tmp_path / "mlflow-server.log",
+                             "--artifacts-destination", str(tmp_path / "artifacts")) as url:
+        yield url
 
 
 def _finished_trials(run_dir: Path, steps: int) -> int:

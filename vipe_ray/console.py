@@ -144,15 +144,3 @@ def quiet_optuna_plots() -> Iterator[None]:
         # Matched by message: the warning is attributed to our calling module, not to optuna.
         warnings.filterwarnings("ignore", category=ExperimentalWarning, message=r"optuna\.visualization\.")
         yield
-
-
-@contextlib.contextmanager
-def without_record(logger_name: str, prefix: str) -> Iterator[None]:
-    """Drop one known log message of ``logger_name`` for the duration of a call."""
-    logger = logging.getLogger(logger_name)
-    drop = _DropMessages((prefix,))
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)

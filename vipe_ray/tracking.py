@@ -104,23 +104,20 @@ class PoseEmbedder(nn.Module):
 def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model"):
     """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example.
 
-    Pickle format: MLflow's pickle-free "pt2" format runs ``torch.export``, which cannot trace
-    ``keypoints.normalize_2d``'s data-dependent input checks (``if (...).any(): raise``). Until that
-    normalization is export-friendly, MLflow's generic warning about pickle is dropped for this call only.
+    Format "pt2" (``torch.export``): no pickle, and the loaded model needs neither vipe-ray nor its code;
+    the batch dimension stays dynamic (the example has more than one pose). Loading returns the exported
+    module, called like the embedder: keypoints ``[batch, 13, 2]`` -> ``[batch, 2 * D]``.
     """
     from mlflow.models import infer_signature
-
-    from vipe_ray.console import without_record
 
     embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
         output = embedder(example)
-    with without_record("mlflow.pytorch", "Saving pytorch model by Pickle or CloudPickle format"):
-        return mlflow.pytorch.log_model(
-            embedder, name=name, serialization_format="pickle",
-            signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
-            pip_requirements=["torch==2.13.0"], code_paths=[str(Path(__file__).resolve().parent)],
-        )
+    return mlflow.pytorch.log_model(
+        embedder, name=name, serialization_format="pt2",
+        signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
+        pip_requirements=["torch==2.13.0"],
+    )
 
 
 def hit_plot(result: dict, path: Path) -> Path:
