@@ -203,3 +203,25 @@ def test_dropout_ramp_and_anchor_only_views():
         load_config(overrides={"keypoint_dropout": {"views": "positive"}})
     with pytest.raises(ConfigError, match="keypoint_dropout.ramp"):
         load_config(overrides={"keypoint_dropout": {"ramp": 1.5}})
+
+
+def test_lifter_learns_in_bf16_like_in_fp32(tiny_overrides):
+    """The baseline trains in the precision Pr-VIPE trains in; its regression head stays fp32."""
+    from vipe_ray.model import Lifter
+
+    table = load_table(load_config().data.table_path()).select(["10"])
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        tiny_overrides["optim"].update({"precision": precision, "lr": 3e-3})
+        config = load_config(overrides=tiny_overrides)
+        torch.manual_seed(0)
+        lifter = Lifter(config.model)
+        optimizer, _ = build_optimizer(config, lifter)
+        generator = torch.Generator().manual_seed(0)
+        sampler = WindowSampler(table)
+        curves[precision] = [lifter_step(lifter, optimizer, sampler.sample(64, generator), config, generator)
+                             ["lifter_mpjpe"] for _ in range(60)]
+        assert lifter.head.weight.dtype == torch.float32
+    for precision, curve in curves.items():
+        assert sum(curve[-10:]) < 0.8 * sum(curve[:10]), f"{precision}: the lifter's error does not fall"
+    assert abs(sum(curves["bf16"][-10:]) - sum(curves["fp32"][-10:])) < 0.1 * sum(curves["fp32"][-10:])

@@ -136,4 +136,6 @@ class Lifter(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 3:
             features = features[:, features.shape[1] // 2]
-        return self.head(self.base(features)).reshape(-1, NUM_JOINTS_3D, 3)
+        h = self.base(features)
+        with torch.autocast(h.device.type, enabled=False):  # the regression head in fp32, as Pr-VIPE's heads
+            return self.head(h.float()).reshape(-1, NUM_JOINTS_3D, 3)

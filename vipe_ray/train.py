@@ -177,7 +177,9 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
         feats.append(view_features(centre[:, None], orbits, dropout, config.optim.jitter, generator)[:, 0])
         targets.append(normalize_3d(camera_frame(centre.double(), orbits)).float())
     model.train()
-    predicted = model(torch.cat(feats).to(device))
+    # The same precision as the Pr-VIPE step (bf16 products under autocast when the config asks for it).
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"):
+        predicted = model(torch.cat(feats).to(device)).float()
     loss = torch.linalg.vector_norm(predicted - torch.cat(targets).to(device), dim=-1).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
