@@ -11,7 +11,7 @@ import torch
 from vipe_ray.config import EVAL_OCCLUSION_GROUPS, ConfigError, load_config
 from vipe_ray.data import evaluation_rows, load_table
 from vipe_ray.evaluate import (
-    evaluate_rigs, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
+    evaluate_rigs, format_markdown, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
 )
 from vipe_ray.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
 from vipe_ray.train import build_model
@@ -87,6 +87,13 @@ def test_protocol_on_real_subject(tiny_overrides):
     assert 0.0 <= retrieval_objective(result) <= 1.0
     text = format_table(result)
     assert "h36m" in text and "novel" in text and "Hit@20" in text and "group:left_arm" in text
+    markdown = format_markdown(result).splitlines()
+    assert markdown[0] == "| rig | method | Hit@1 | Hit@5 | Hit@10 | Hit@20 |"
+    row = next(line for line in markdown if line.startswith("| group:lower_body | occluded |"))
+    cells = [float(c) for c in row.strip("|").split("|")[2:]]
+    expected = [100 * result["occlusion"][rig]["group:lower_body"]["occluded"][m]["hit@1"]
+                for rig in ("h36m", "novel", "wide") for m in ("prvipe", "nn2d")]
+    assert cells == pytest.approx(expected, abs=0.051)
 
 
 def test_hits_at_k_never_counts_an_unretrievable_query():

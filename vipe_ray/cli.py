@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.data import load_table
-    from vipe_ray.evaluate import evaluate_rigs, format_table, write_json
+    from vipe_ray.evaluate import evaluate_rigs, format_markdown, format_table, write_json
     from vipe_ray.train import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            samples=args.samples)
     result["checkpoint"] = str(args.checkpoint)
     result["step"] = checkpoint.step
-    print(format_table(result, eval_config.ks))
+    print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a built-in rig (h36m, novel, wide, val) or a rig YAML file (repeatable; default: the "
                         "config's eval.rigs). YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
     p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
     return parser

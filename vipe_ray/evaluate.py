@@ -269,6 +269,34 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     return "\n".join(lines)
 
 
+METHOD_NAMES = {"prvipe": "Pr-VIPE (-log P over samples)", "prvipe_mean": "Pr-VIPE (embedding means)",
+                "nn2d": "2D nearest neighbour (Procrustes)", "lift3d": "3D lifting + NP-MPJPE"}
+
+
+def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
+    """Markdown tables of a result: Hit@k per rig and method, then Hit@1 per occlusion protocol (rows) and
+    rig x method (columns)."""
+    lines = ["| rig | method | " + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for rig, methods in result["rigs"].items():
+        for method in METHODS:
+            if method in methods:
+                cells = " | ".join(f"{100 * methods[method][f'hit@{k}']:.1f}" for k in ks)
+                lines.append(f"| {rig} | {METHOD_NAMES[method]} | {cells} |")
+    occlusion = {rig: patterns for rig, patterns in (result.get("occlusion") or {}).items() if patterns}
+    if occlusion:
+        methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
+        columns = [(rig, m) for rig in occlusion for m in methods]
+        short = {"prvipe": "Pr-VIPE", "nn2d": "2D-NN", "lift3d": "lifting"}
+        lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        first = next(iter(occlusion.values()))
+        for pattern in first:
+            for mode in INDEX_MODES:
+                cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)
+                lines.append(f"| {pattern} | {mode} | {cells} |")
+    return "\n".join(lines)
+
+
 def write_json(result: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
