@@ -76,3 +76,15 @@ def test_temporal_window_is_invalid_when_any_frame_is(tiny_overrides):
     with torch.no_grad():
         out = PoseEmbedder(model).eval()(pixels)
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+def test_an_unbatched_pose_gets_a_clear_error(tiny_overrides):
+    import pytest
+
+    from vipe_ray.keypoints import KeypointError
+
+    model, _, _ = _model_and_poses(tiny_overrides, n=2)
+    with pytest.raises(KeypointError, match=r"expected keypoints \[batch, 13, 2\].*got \[13, 2\]"):
+        PoseEmbedder(model).eval()(torch.zeros(13, 2))
+    with pytest.raises(KeypointError, match=r"got \[4, 17, 2\]"):
+        PoseEmbedder(model).eval()(torch.zeros(4, 17, 2))

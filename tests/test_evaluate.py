@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,7 +74,10 @@ def test_protocol_on_real_subject(tiny_overrides):
     assert set(result["rigs"]) == {"h36m", "novel", "wide"}
     patterns = {f"group:{g}" for g in EVAL_OCCLUSION_GROUPS} | {"independent:0.1", "independent:0.2"}
     for rig in ("h36m", "novel", "wide"):
-        assert set(result["occlusion"][rig]) == patterns
+        assert set(result["occlusion"][rig]) == patterns | {"none"}
+        assert set(result["invalid"][rig]) == patterns
+        assert result["invalid"][rig]["group:left_arm"] == 0.0, "an arm leaves the torso: always embedded"
+        assert result["occlusion"][rig]["none"]["clean"] == result["occlusion"][rig]["none"]["occluded"]
         for modes in result["occlusion"][rig].values():
             assert set(modes) == {"clean", "occluded"}
             assert all(set(per) == {"prvipe", "prvipe_mean", "nn2d"} for per in modes.values())
@@ -90,7 +94,7 @@ def test_protocol_on_real_subject(tiny_overrides):
     markdown = format_markdown(result).splitlines()
     assert markdown[0] == "| rig | method | Hit@1 | Hit@5 | Hit@10 | Hit@20 |"
     row = next(line for line in markdown if line.startswith("| group:lower_body | occluded |"))
-    cells = [float(c) for c in row.strip("|").split("|")[2:]]
+    cells = [float(c) for c in row.strip("|").split("|")[2:-1]]
     expected = [100 * result["occlusion"][rig]["group:lower_body"]["occluded"][m]["hit@1"]
                 for rig in ("h36m", "novel", "wide") for m in ("prvipe", "nn2d")]
     assert cells == pytest.approx(expected, abs=0.051)
@@ -181,3 +185,26 @@ def test_custom_rig_file_is_evaluated(tiny_overrides, tmp_path):
     result = evaluate_rigs(build_model(config), config, table, progress=lambda _: None)
     assert list(result["rigs"]) == ["ceiling"] and result["occlusion"] == {}
     assert result["cameras"]["ceiling"][1]["elevation"] == 75.0
+
+
+def test_a_rigs_numbers_do_not_depend_on_the_other_protocols(tiny_overrides):
+    """Every (rig, camera, protocol) draws from its own seeded stream."""
+    config = load_config(overrides=tiny_overrides)
+    table = load_table(config.data.table_path()).select(["10"])
+    torch.manual_seed(0)
+    model = build_model(config)
+    alone = evaluate_rigs(model, config, table, progress=lambda _: None,
+                          eval_config=replace(config.eval, rigs=("novel",), occlusion=False))
+    after = evaluate_rigs(model, config, table, progress=lambda _: None,
+                          eval_config=replace(config.eval, rigs=("h36m", "novel")))
+    assert alone["rigs"]["novel"] == after["rigs"]["novel"]
+
+
+def test_two_rigs_with_one_name_are_refused(tiny_overrides, tmp_path):
+    rig = tmp_path / "h36m.yaml"
+    rig.write_text("cameras:\n  - {azimuth: 0, elevation: 0, distance: 4}\n  - {azimuth: 90, elevation: 0, distance: 4}\n")
+    config = load_config(overrides=tiny_overrides)
+    table = load_table(config.data.table_path()).select(["10"])
+    with pytest.raises(ValueError, match="two rigs are named 'h36m'"):
+        evaluate_rigs(build_model(config), config, table, progress=lambda _: None,
+                      eval_config=replace(config.eval, rigs=("h36m", str(rig)), occlusion=False))

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="+", help="subjects to evaluate (default: the config's test subjects)")
     p.add_argument("--samples", type=int, help="embedding samples per pose for retrieval (default: model.samples)")
     p.add_argument("--rig", action="append", metavar="NAME_OR_YAML",
-                   help="a built-in rig (h36m, novel, wide, val) or a rig YAML file (repeatable; default: the "
+                   help="a built-in rig (h36m, novel, wide, wide-val) or a rig YAML file (repeatable; default: the "
                         "config's eval.rigs). YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
     p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")

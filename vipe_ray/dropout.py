@@ -2,10 +2,9 @@
 
 An instance is selected with ``instance_prob``. Independent dropout then hides each keypoint with
 ``keypoint_prob``; structured dropout hides one whole occlusion group (an arm, a leg, the lower body, ...).
-The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off. Training
-poses must stay normalizable (:func:`vipe_ray.keypoints.normalize_masked` needs two visible torso
-keypoints), so a draw that would hide more of the torso keeps the torso visible; deployment has no such
-guarantee and reports such poses as invalid instead.
+The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off. A training
+view that this leaves impossible to normalize keeps its torso (:func:`vipe_ray.views.view_features`, the one
+place that rule lives); deployment has no such guarantee and reports such poses as invalid instead.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vipe_ray.config import KeypointDropoutConfig
-from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS, TORSO_2D
+from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
 
 _GROUP_MASKS = torch.zeros(len(OCCLUSION_GROUPS), NUM_KEYPOINTS_2D, dtype=torch.bool)
 for _g, _members in enumerate(OCCLUSION_GROUPS.values()):
@@ -36,9 +35,6 @@ def keypoint_visibility(shape: tuple[int, ...], config: KeypointDropoutConfig,
             group = torch.randint(len(OCCLUSION_GROUPS), (batch,), generator=generator)
             hidden |= _GROUP_MASKS[group]
         hidden &= picked[:, None]
-        torso = list(TORSO_2D)
-        too_few = (~hidden[:, torso]).sum(-1) < 2
-        hidden[:, torso] &= ~too_few[:, None]
     visible = ~hidden
     if len(shape) == 2:
         visible = visible[:, None, :].expand(batch, shape[1], NUM_KEYPOINTS_2D)

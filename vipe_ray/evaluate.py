@@ -21,11 +21,14 @@ Occlusion protocols (per rig, beside the clean one): the queries of every camera
 query, ``independent:R`` hides each keypoint independently with probability R (seeded) -- and are matched
 against a ``clean`` index and against an ``occluded`` one (the index renders hidden the same way, drawn
 anew per camera). To bound its cost, each camera's queries search the next camera of the rig (a ring of
-C pairs instead of all C(C-1)); the clean protocol uses every pair. A pose that cannot be normalized (fewer than two visible torso keypoints) has no
+C pairs instead of all C(C-1)); the clean protocol uses every pair, and the occlusion block's ``none`` row
+gives clean queries on the same ring, the reference the occluded rows compare with. ``invalid`` gives, per
+rig and pattern, the share of occluded queries that could not be normalized (counted as misses). A pose that cannot be normalized (fewer than two visible torso keypoints) has no
 embedding: as a query it misses, as an index pose it is never retrieved. Result JSON::
 
     {"rigs": {rig: {method: {"hit@k": fraction}}},
-     "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}}, ...}
+     "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}},
+     "invalid": {rig: {pattern: fraction}}, "cameras": {rig: [camera, ...]}, ...}
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -182,6 +186,12 @@ def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor,
     return out
 
 
+def _generator(seed: int, rig: str, camera: int, protocol: str) -> torch.Generator:
+    """Its own seeded stream per (rig, camera, protocol): a rig's numbers do not depend on which other rigs or
+    protocols ran before it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{rig}/{camera}/{protocol}".encode()))
+
+
 def _average(per_pair: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     return {method: {key: sum(p[method][key] for p in per_pair) / len(per_pair) for key in per_pair[0][method]}
             for method in per_pair[0]}
@@ -208,18 +218,21 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
     match3d = (pairwise_np_mpjpe(joints, joints) <= ev.kappa).T.contiguous()
     probabilistic = config.model.probabilistic
     k = samples or (config.model.samples if probabilistic else 1)
-    generator = torch.Generator().manual_seed(seed)
     match: MatchProbability = model.match
     methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
-    result: dict = {"rigs": {}, "occlusion": {}, "cameras": {}, "queries": int(len(rows)), "subjects": table.subjects,
-                    "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa, "frames": frames}
+    result: dict = {"rigs": {}, "occlusion": {}, "invalid": {}, "cameras": {}, "queries": int(len(rows)),
+                    "subjects": table.subjects, "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa,
+                    "frames": frames}
     windows = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
     all_visible = torch.ones(len(rows), NUM_KEYPOINTS_2D, dtype=torch.bool)
     for rig in ev.rigs:
         name, cameras = resolve_rig(rig)
+        if name in result["cameras"]:
+            raise ValueError(f"eval.rigs: two rigs are named {name!r} ({rig!r} and an earlier one); rename one")
         result["cameras"][name] = [vars(c) for c in cameras]
         pixels = [rendered_view(windows, Orbits.from_cameras([c]).expand(len(rows))) for c in cameras]
-        clean = [_view(model, lifter, p, all_visible, k, probabilistic, generator) for p in pixels]
+        clean = [_view(model, lifter, p, all_visible, k, probabilistic, _generator(seed, name, i, "clean"))
+                 for i, p in enumerate(pixels)]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
         result["rigs"][name] = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods)
                                          for i, j in pairs])
@@ -227,12 +240,18 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                  f"({time.perf_counter() - start:.0f} s)")
         if not ev.occlusion:
             continue
-        occluded_result: dict = {}
         ring = [(i, (i + 1) % len(cameras)) for i in range(len(cameras))]
+        # The reference for the occlusion rows: clean queries on the same ring of camera pairs.
+        on_ring = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods) for i, j in ring])
+        occluded_result: dict = {"none": {"clean": on_ring, "occluded": on_ring}}
+        invalid: dict = {}
         for pattern in occlusion_patterns(ev):
             # One draw per camera: an independent pattern hides different keypoints in each camera's renders.
-            occluded = [_view(model, lifter, p, pattern_visibility(pattern, len(rows), generator), k,
-                              probabilistic, generator) for p in pixels]
+            occluded = []
+            for i, p in enumerate(pixels):
+                g = _generator(seed, name, i, pattern)
+                occluded.append(_view(model, lifter, p, pattern_visibility(pattern, len(rows), g), k, probabilistic, g))
+            invalid[pattern] = float(torch.stack([~v["valid"] for v in occluded]).float().mean())
             occluded_result[pattern] = {
                 "clean": _average([_pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
                                    for i, j in ring]),
@@ -240,6 +259,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                                       for i, j in ring]),
             }
         result["occlusion"][name] = occluded_result
+        result["invalid"][name] = invalid
         progress(f"[evaluate] rig {name}: {len(occluded_result)} occlusion patterns "
                  f"({time.perf_counter() - start:.0f} s)")
     result["seconds"] = time.perf_counter() - start
@@ -259,13 +279,15 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     occlusion = result.get("occlusion") or {}
     if any(occlusion.values()):
         methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
-        header = f"{'rig':<{width}} {'occlusion (Hit@1)':<24} {'index':<9}" + "".join(f"{m:>12}" for m in methods)
+        header = (f"{'rig':<{width}} {'occlusion (Hit@1)':<24} {'index':<9}" + "".join(f"{m:>12}" for m in methods)
+                  + f"{'no embedding':>14}")
         lines += ["", header, "-" * len(header)]
         for rig, patterns in occlusion.items():
             for pattern, modes in patterns.items():
+                lost = result.get("invalid", {}).get(rig, {}).get(pattern, 0.0)
                 for mode, per_method in modes.items():
                     cells = "".join(f"{100 * per_method[m]['hit@1']:>12.1f}" for m in methods)
-                    lines.append(f"{rig:<{width}} {pattern:<24} {mode:<9}{cells}")
+                    lines.append(f"{rig:<{width}} {pattern:<24} {mode:<9}{cells}{100 * lost:>13.1f}%")
     return "\n".join(lines)
 
 
@@ -275,7 +297,7 @@ METHOD_NAMES = {"prvipe": "Pr-VIPE (-log P over samples)", "prvipe_mean": "Pr-VI
 
 def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     """Markdown tables of a result: Hit@k per rig and method, then Hit@1 per occlusion protocol (rows) and
-    rig x method (columns)."""
+    rig x method (columns), with the largest share of queries without an embedding over the rigs."""
     lines = ["| rig | method | " + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
     for rig, methods in result["rigs"].items():
         for method in METHODS:
@@ -287,13 +309,14 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
         methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
         columns = [(rig, m) for rig in occlusion for m in methods]
         short = {"prvipe": "Pr-VIPE", "nn2d": "2D-NN", "lift3d": "lifting"}
-        lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]
+        lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns)
+                  + " | no embedding |", "|---|---|" + "---|" * (len(columns) + 1)]
         first = next(iter(occlusion.values()))
         for pattern in first:
-            for mode in INDEX_MODES:
+            lost = [result.get("invalid", {}).get(rig, {}).get(pattern, 0.0) for rig in occlusion]
+            for mode in (INDEX_MODES if pattern != "none" else ("clean",)):
                 cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)
-                lines.append(f"| {pattern} | {mode} | {cells} |")
+                lines.append(f"| {pattern} | {mode} | {cells} | {100 * max(lost):.1f}% |")
     return "\n".join(lines)
 
 

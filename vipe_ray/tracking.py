@@ -20,7 +20,7 @@ from torch import nn
 
 from vipe_ray import REPO_ROOT
 from vipe_ray.config import TrainConfig
-from vipe_ray.keypoints import model_input, pose_features
+from vipe_ray.keypoints import NUM_KEYPOINTS_2D, KeypointError, model_input, pose_features
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -89,6 +89,9 @@ class PoseEmbedder(nn.Module):
 
     def embed(self, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean ``[batch, D]``, sigma ``[batch, D]``, valid ``[batch]`` bool); invalid rows are NaN."""
+        if keypoints.ndim not in (3, 4) or tuple(keypoints.shape[-2:]) != (NUM_KEYPOINTS_2D, 2):
+            raise KeypointError(f"PoseEmbedder: expected keypoints [batch, {NUM_KEYPOINTS_2D}, 2] or "
+                                f"[batch, frames, {NUM_KEYPOINTS_2D}, 2], got {list(keypoints.shape)}")
         features, valid = model_input(keypoints)
         if valid.ndim == 2:  # temporal: a window needs every frame
             valid = valid.all(-1)
@@ -150,14 +153,15 @@ _BONES = [(1, 3), (3, 5), (2, 4), (4, 6), (1, 2), (7, 8), (1, 7), (2, 8), (7, 9)
 
 
 def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, queries: int = 4) -> Path:
-    """Query 2D poses from one camera of the ``h36m`` rig and their top-3 retrievals from another camera."""
+    """Query 2D poses from one camera of the validation rig and their top-3 retrievals from another camera."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vipe_ray.cameras import RIGS, Orbits
+    from vipe_ray.cameras import Orbits
     from vipe_ray.data import evaluation_rows, window_rows
+    from vipe_ray.evaluate import resolve_rig
     from vipe_ray.matching import pairwise_np_mpjpe
     from vipe_ray.views import normalized_view
 
@@ -165,7 +169,8 @@ def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, q
     frames, stride = config.temporal.window, config.temporal.stride
     joints = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
     views = []
-    for camera in RIGS["h36m"][:2]:
+    rig, cameras = resolve_rig(config.eval.val_rigs[0])  # figures of validation runs: the validation rig
+    for camera in cameras[:2]:
         keypoints = normalized_view(joints, Orbits.from_cameras([camera]).expand(len(rows)))
         feats = pose_features(keypoints, torch.ones(keypoints.shape[:-1], dtype=torch.bool))
         model.eval()
@@ -179,8 +184,8 @@ def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, q
     fig, axes = plt.subplots(queries, 4, figsize=(8, 2.2 * queries), squeeze=False)
     for r, q in enumerate(picks):
         top = distance[q].topk(3, largest=False).indices.tolist()
-        panels = [(views[0][0][q], "query (cam 45°)", "black")]
-        panels += [(views[1][0][i], f"#{n + 1} (cam 135°)", "green" if match[q, i] else "red")
+        panels = [(views[0][0][q], f"query ({rig} cam 1)", "black")]
+        panels += [(views[1][0][i], f"#{n + 1} ({rig} cam 2)", "green" if match[q, i] else "red")
                    for n, i in enumerate(top)]
         for ax, (kp, title, colour) in zip(axes[r], panels):
             for a, b in _BONES:
