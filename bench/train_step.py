@@ -45,7 +45,8 @@ from vipe_ray.config import TrainConfig, load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
 from vipe_ray.model import pose_features  # noqa: E402
 from vipe_ray.train import build_model, build_optimizer, train_step  # noqa: E402
-from vipe_ray.views import normalized_view  # noqa: E402
+from vipe_ray.tracking import PoseEmbedder  # noqa: E402
+from vipe_ray.views import rendered_view  # noqa: E402
 
 BASELINE = "b4f9a53"  # the last commit before the speed work (issue 8)
 
@@ -193,18 +194,23 @@ def main() -> None:
         peak16 = matmul_peak(torch.bfloat16)
         line += f"; bf16 matmul peak {peak16 / 1e9:.0f} GFLOP/s: {achieved / peak16:.0%} of peak"
     print(line)
+    if old_times:
+        old_achieved = flops / old_mean
+        print(f"baseline {args.baseline}: the same matmuls at {old_achieved / 1e9:.0f} GFLOP/s "
+              f"({old_achieved / peak32:.0%} of the fp32 peak)")
 
-    # Embedding throughput: inference (eval mode, no grad) on rendered poses, vs training poses/s.
+    # Embedding throughput of the deployed model (raw pixels in, its own normalization), vs training poses/s.
     joints = sampler.sample(4096, generator)
-    keypoints = normalized_view(joints, sample_orbits(4096, config.cameras.ranges(), generator))
-    feats = pose_features(keypoints, torch.ones(keypoints.shape[:-1], dtype=torch.bool))
-    model.eval()
+    pixels = rendered_view(joints, sample_orbits(4096, config.cameras.ranges(), generator)).float()
+    if config.temporal.window == 1:
+        pixels = pixels[:, 0]
+    embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
-        model(feats[:512])
+        embedder(pixels[:512])
         start = time.perf_counter()
         for _ in range(3):
             for s in range(0, 4096, 1024):
-                model(feats[s:s + 1024])
+                embedder(pixels[s:s + 1024])
         embed_rate = 3 * 4096 / (time.perf_counter() - start)
     train_rate = 2 * batch / step_time  # anchor and positive views per step
     print(f"embedding: {embed_rate:,.0f} poses/s; training: {train_rate:,.0f} poses/s; "

@@ -252,3 +252,16 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     default = TrainConfig()
     assert config_from_dict(config_to_dict(default)) == default
     assert set(plain) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_unquoted_off_in_yaml_means_the_literal(tmp_path):
+    """YAML 1.1 reads `off` as False; a literal field that has an "off" value takes it as meant."""
+    path = tmp_path / "c.yaml"
+    path.write_text("keypoint_dropout:\n  mode: off\n")
+    assert load_config(path).keypoint_dropout.mode == "off"
+    from vipe_ray.cli import _overrides
+
+    assert load_config(overrides=_overrides(["keypoint_dropout.mode=off"])).keypoint_dropout.mode == "off"
+    path.write_text("keypoint_dropout:\n  mode: yes\n")
+    with pytest.raises(ConfigError, match="keypoint_dropout.mode: True is not one of"):
+        load_config(path)

@@ -304,6 +304,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         return _build(tp, value, path + ".")
     if origin is Literal:
+        # YAML 1.1 reads an unquoted off/on (``mode: off``, ``--set keypoint_dropout.mode=off``) as a boolean.
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"
         if value not in typing.get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value

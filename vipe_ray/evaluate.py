@@ -312,7 +312,7 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
         lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns)
                   + " | no embedding |", "|---|---|" + "---|" * (len(columns) + 1)]
         first = next(iter(occlusion.values()))
-        for pattern in first:
+        for pattern in sorted(first, key=lambda name: name != "none"):  # the clean reference row first
             lost = [result.get("invalid", {}).get(rig, {}).get(pattern, 0.0) for rig in occlusion]
             for mode in (INDEX_MODES if pattern != "none" else ("clean",)):
                 cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)

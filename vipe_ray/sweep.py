@@ -429,7 +429,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = No
     if started_ray and (address or os.environ.get("RAY_ADDRESS")):
         ray.init(address=address)
     elif started_ray:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(include_dashboard=False)  # Ray's own detection honours a container's CPU limit
     filter_worker_logs()
     try:
         return _run(sweep, resume, tracking_uri, storage, run_dir, base, command)
