@@ -16,7 +16,9 @@ singular ``H`` (``det H = 0``, where the sign says nothing) falls back to ``det(
 
 Every entry is computed by one per-pair routine (:func:`indexed_np_mpjpe`) on poses normalized once
 (:class:`CentredPoses`): the full matrix (:func:`pairwise_np_mpjpe`) and a few entries picked by the miner
-(:func:`vipe_ray.mining.mine_negatives_lazy`) give bit-identical values for the same pair.
+(:func:`vipe_ray.mining.mine_negatives_lazy`) give bit-identical values for the same pair (tested on CPU;
+a GPU's batched kernels may round differently with the batch size, so a label lying exactly on kappa could
+differ there).
 """
 
 from __future__ import annotations
