@@ -31,28 +31,22 @@ def normalized_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
     return normalize_2d(rendered_view(joints3d, orbits)).float()
 
 
-def features_of(pixels: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Features of rendered keypoints ``[..., 13, 2]`` under a visibility ``[..., 13]``; all must be valid."""
-    features, valid = model_input(pixels, visible)
-    if not valid.all():
-        raise KeypointError("a rendered view cannot be normalized (fewer than two visible torso keypoints)")
-    return features.float()
-
-
 def view_features(joints3d: torch.Tensor, orbits: Orbits, dropout: KeypointDropoutConfig,
                   jitter: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Model features of one view per window: ``[batch, frames, 17, 3] -> [batch, frames, 39]``."""
     pixels = rendered_view(joints3d, orbits)
     visible = keypoint_visibility(tuple(pixels.shape[:2]), dropout, generator)
-    _, valid = model_input(pixels, visible)
+    features, valid = model_input(pixels, visible)
     if not valid.all():
-        # Dropout left a torso too foreshortened to normalize (e.g. only the hips, seen from the side):
-        # a training pose keeps its torso, as it keeps two torso keypoints in keypoint_visibility.
+        # Dropout left a torso that cannot be normalized (too few torso keypoints, or only the hips seen from
+        # the side): a training view keeps its whole torso -- the one place this rule lives.
         bad = ~valid.all(-1, keepdim=True).expand_as(valid) if valid.ndim == 2 else ~valid  # whole windows
         restore = torch.zeros_like(visible)
         restore[..., list(TORSO_2D)] = True
-        visible = visible | (restore & bad[..., None])
-    features = features_of(pixels, visible)
+        features, valid = model_input(pixels, visible | (restore & bad[..., None]))
+        if not valid.all():
+            raise KeypointError("a rendered view cannot be normalized even with its whole torso visible")
+    features = features.float()
     if jitter > 0:
         # Reference-style jitter in normalized units, on visible keypoints only (hidden ones stay 0).
         noise = jitter * torch.randn((*features.shape[:-1], NUM_KEYPOINTS_2D, 2), generator=generator)
