@@ -72,6 +72,7 @@ def _write(tmp_path, text: str) -> Path:
     (GOOD + "points_to_evaluate: [{}]\n", "points_to_evaluate[0].mining.kappa: missing"),
     (GOOD + "points_to_evaluate: {mining.kappa: 0.1}\n", "points_to_evaluate: expected a list"),
     (GOOD + "trials: 1\npoints_to_evaluate: [{mining.kappa: 0.1}, {mining.kappa: 0.2}]\n", "2 fixed points but only 1"),
+    (GOOD + "trials: 4\nstartup_trials: 5\n", "startup_trials: 5 must lie in [0, trials = 4]"),
     ("name: [t\n", "malformed YAML"),
     ("- a\n- b\n", "top level must be a mapping"),
 ])
@@ -104,3 +105,31 @@ def test_impossible_resources_fail_before_trials(tmp_path):
     two = load_sweep(_write(tmp_path, GOOD + "concurrency: 2\nresources: {num_workers: 1, cpus_per_worker: 0.49}\n"))
     assert check_resources(two, {"CPU": 2.0}) == 2
     assert check_resources(two, {"CPU": 1.6}) == 1, "concurrency shrinks to what leaves a CPU for data loading"
+
+
+def test_tpe_starts_modelling_within_the_sweep_and_lies_under_concurrency(tmp_path):
+    from vipe_ray.sweep import build_searcher
+
+    for extra, startup in (("trials: 8\n", 4), ("trials: 40\n", 10), ("trials: 8\nstartup_trials: 2\n", 2)):
+        searcher = build_searcher(load_sweep(_write(tmp_path, GOOD + extra)))
+        sampler = searcher._sampler
+        assert sampler._n_startup_trials == startup, extra
+        assert sampler._constant_liar
+
+
+def test_asha_runs_on_the_training_step_up_to_the_longest_run(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from vipe_ray.sweep import build_scheduler
+
+    sweep = load_sweep(_write(tmp_path, GOOD + "scheduler: {type: asha, grace_period: 2, reduction_factor: 3}\n"))
+    base = trial_config(base_values(sweep), {})
+    asha = build_scheduler(sweep, base)
+    assert isinstance(asha, ASHAScheduler)
+    assert asha._time_attr == "step" and asha._max_t == base.optim.steps
+    assert asha._reduction_factor == 3
+    searched = load_sweep(_write(tmp_path, GOOD.replace(
+        "search_space:\n", "search_space:\n  optim.steps: {type: choice, values: [6, 400]}\n")))
+    assert build_scheduler(searched, base)._max_t == 400, "a run of 400 steps is never cut at a shorter max_t"
+    fifo = load_sweep(_write(tmp_path, GOOD + "scheduler: {type: fifo}\n"))
+    assert isinstance(build_scheduler(fifo, base), FIFOScheduler)
