@@ -43,7 +43,7 @@ from vipe_ray.cameras import sample_orbits  # noqa: E402
 from vipe_ray.cli import _overrides  # noqa: E402
 from vipe_ray.config import TrainConfig, load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
-from vipe_ray.model import pose_features  # noqa: E402
+from vipe_ray.keypoints import pose_features  # noqa: E402
 from vipe_ray.train import build_model, build_optimizer, train_step  # noqa: E402
 from vipe_ray.tracking import PoseEmbedder  # noqa: E402
 from vipe_ray.views import rendered_view  # noqa: E402

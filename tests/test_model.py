@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vipe_ray.config import LossConfig, ModelConfig
-from vipe_ray.model import FEATURES_PER_POSE, Embedding, Lifter, PrVipe, pose_features
+from vipe_ray.keypoints import pose_features
+from vipe_ray.model import FEATURES_PER_POSE, Embedding, Lifter, PrVipe
 
 SMALL = ModelConfig(width=32, blocks=1, dropout=0.1, embedding_dim=4, samples=3)
 

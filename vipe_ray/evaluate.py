@@ -40,7 +40,6 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from vipe_ray import log

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vipe_ray.config import LossConfig, ModelConfig
-from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D, pose_features  # noqa: F401 (re-export)
+from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
 from vipe_ray.losses import MatchProbability
 
 FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
