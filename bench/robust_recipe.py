@@ -21,7 +21,7 @@ import torch
 
 from vipe_ray.config import load_config
 from vipe_ray.data import load_table
-from vipe_ray.evaluate import evaluate_rigs
+from vipe_ray.evaluate import LIMBS, evaluate_rigs
 from vipe_ray.train import load_checkpoint, train
 
 PAPER = {"elevation": [-30, 30], "roll": [-30, 30], "distance": [2.5, 6.0]}
@@ -35,7 +35,6 @@ CANDIDATES = {
     "broad+dropout_anchor": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor"}},
     "broad+dropout_anchor_ramp": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor", "ramp": 0.5}},
 }
-LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg")
 
 
 def main() -> None:

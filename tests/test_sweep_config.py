@@ -7,15 +7,35 @@ from pathlib import Path
 import pytest
 
 from vipe_ray.config import ConfigError
+from vipe_ray.study import is_study, load_study, variant_config
 from vipe_ray.sweep import check_resources, load_sweep, trial_config, base_values
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
-REQUIRED = {"kappa", "embedding", "sigmoid_init", "hard_negatives", "ablations", "smoke"}
+ALL = sorted((REPO / "sweeps").glob("*.yaml"))
+SHIPPED = [p for p in ALL if not is_study(p)]
+STUDIES = [p for p in ALL if is_study(p)]
+REQUIRED = {"kappa", "embedding", "sigmoid_init", "hard_negatives", "ablations", "smoke", "ablation_study",
+            "ablation_study_cpu"}
 
 
 def test_required_sweeps_are_shipped():
-    assert REQUIRED <= {p.stem for p in SHIPPED}
+    assert REQUIRED <= {p.stem for p in ALL}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_study_validates_and_names_its_command(path):
+    study = load_study(path)
+    assert study.name == path.stem and len(study.seeds) >= 3 and len(study.variants) >= 8
+    assert path.read_text().splitlines()[0] == f"# python -m vipe_ray.sweep sweeps/{path.name}"
+    base = base_values(study)
+    for variant, overrides in study.variants.items():
+        config = variant_config(study, base, variant, 5)
+        assert config.seed == 5
+        for key, value in overrides.items():
+            node = config
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == (tuple(value) if isinstance(value, list) else value) or node == pytest.approx(value)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

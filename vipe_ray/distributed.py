@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -63,6 +64,8 @@ class Scaling:
 
 
 DATA_TASK_CPUS = 0.1
+#: The validation metric that ranks a run's checkpoints.
+BEST_METRIC = "val_hit@1"
 
 
 def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
@@ -128,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ``fail_delay_s``, and writes the marker file first), ``shard_log`` (testing: a directory; each worker writes
     its row keys ``clip:frame`` to ``rank{r}.txt``), ``resume_log`` (testing: a file; each worker that resumes
     appends a line ``rank step``), ``on_report`` (a picklable callable run on rank 0 with (step, metrics)),
-    ``val_queries`` (validation queries per rig, 200 by default).
+    ``val_queries`` (at most this many validation queries per rig; 0, the default: all).
     """
     import ray.train
     import ray.train.torch
@@ -173,7 +176,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     total = config.optim.steps
     start, start_step = time.perf_counter(), step
     window: list[dict] = []
-    kept: str | None = None  # local mode: the last checkpoint's temporary directory
+    # Local mode: the temporary directories of the best-scoring checkpoint and of the latest.
+    score_metric, score_mode = loop_config.get("score", (BEST_METRIC, "max"))
+    kept: dict[str, tuple[float, str]] = {}
     while step < total:
         batch = sampler.sample(config.optim.batch_size, generator)
         window.append(train_step(ddp_model, optimizer, batch, config, generator, progress=step / total))
@@ -196,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 if val_table is not None:
                     metrics.update(validation_metrics(model, config, val_table,
-                                                      max_queries=loop_config.get("val_queries", 200)))
+                                                      max_queries=loop_config.get("val_queries", 0)))
                 payload = {"format": FORMAT, "kind": "prvipe", "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "config": config_to_dict(config), "step": step, "data_checksum": data["checksum"],
@@ -209,15 +214,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # the one before it is removed here.
             ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
             if ckpt is not None and os.path.isdir(ckpt.path):
-                if kept is not None:
-                    shutil.rmtree(kept, ignore_errors=True)
-                kept = ckpt.path
+                value = metrics.get(score_metric, math.nan) * (1 if score_mode == "max" else -1)
+                previous = dict(kept)
+                kept["latest"] = (value, ckpt.path)
+                if "best" not in kept or value > kept["best"][0]:  # NaN never replaces a best
+                    kept["best"] = (value, ckpt.path)
+                for _, path in previous.values():
+                    if path not in {p for _, p in kept.values()}:
+                        shutil.rmtree(path, ignore_errors=True)
 
 
 def validation_metrics(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
-                       max_queries: int = 200) -> dict[str, float]:
+                       max_queries: int = 0) -> dict[str, float]:
     """Cross-view Hit@k of Pr-VIPE on validation subjects and validation rigs (``eval.val_rigs``, never the
-    evaluation rigs), averaged over the rigs: ``val_hit@k`` keys."""
+    evaluation rigs), averaged over the rigs: ``val_hit@k`` keys, with ``val_hit@k_se`` (standard error over
+    the queries, the largest over the rigs) and ``val_queries``. Queries every ``eval.val_every`` source
+    frames, at most ``max_queries`` (0: all)."""
     from dataclasses import replace
 
     from vipe_ray.evaluate import evaluate_rigs
@@ -226,11 +238,12 @@ def validation_metrics(model: torch.nn.Module, config: TrainConfig, table: PoseT
     # The clean protocol only: occlusion protocols cost ~20x more and belong to the final evaluation.
     result = evaluate_rigs(model, config, table, progress=lambda _m: None,
                            eval_config=replace(config.eval, rigs=config.eval.val_rigs, max_queries=max_queries,
-                                               occlusion=False))
-    out: dict[str, float] = {}
+                                               every=config.eval.val_every, occlusion=False))
+    out: dict[str, float] = {"val_queries": float(result["queries"])}
     for k in config.eval.ks:
         values = [methods["prvipe"][f"hit@{k}"] for methods in result["rigs"].values()]
         out[f"val_hit@{k}"] = float(np.mean(values))
+        out[f"val_hit@{k}_se"] = max(se["prvipe"][f"hit@{k}"] for se in result["se"].values())
         for rig, methods in result["rigs"].items():
             out[f"val_{rig}_hit@{k}"] = methods["prvipe"][f"hit@{k}"]
             out[f"val_{rig}_nn2d_hit@{k}"] = methods["nn2d"][f"hit@{k}"]
@@ -247,8 +260,9 @@ def data_info(config: TrainConfig) -> dict:
 
 
 def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path: str | Path,
-                  max_failures: int = 1, callbacks: list | None = None, extra: dict | None = None):
-    """A ``TorchTrainer`` for one Pr-VIPE run (not started)."""
+                  max_failures: int = 1, callbacks: list | None = None, extra: dict | None = None,
+                  score: tuple[str, str] = (BEST_METRIC, "max")):
+    """A ``TorchTrainer`` for one Pr-VIPE run (not started); ``score`` (metric, mode) ranks its checkpoints."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -258,24 +272,28 @@ def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path
         datasets["val"] = pose_dataset(data["path"], config.data.val_subjects)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "data": data, **(extra or {})},
+        train_loop_config={"config": config_to_dict(config), "data": data, "score": score, **(extra or {})},
         scaling_config=scaling.ray(),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Keep the best-validation checkpoint (what a sweep registers and a study tests) and the latest
+            # (what a restart resumes from; Ray never deletes the latest).
+            checkpoint_config=(CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score[0],
+                                                checkpoint_score_order=score[1])
+                               if config.data.val_subjects else CheckpointConfig(num_to_keep=2)),
             callbacks=callbacks or [],
         ),
     )
 
 
 def fit(config: TrainConfig, scaling: Scaling, name: str, storage_path: str | Path, max_failures: int = 1,
-        callbacks: list | None = None, extra: dict | None = None):
+        callbacks: list | None = None, extra: dict | None = None, score: tuple[str, str] = (BEST_METRIC, "max")):
     """Train with Ray Train and return its ``Result`` (rerunning the same name/storage resumes).
 
     In local mode (``scaling.num_workers == 0``) nothing is written under ``storage_path``: the Result's
     checkpoint is a temporary directory that the caller owns (copy or remove it).
     """
-    return build_trainer(config, scaling, name, storage_path, max_failures, callbacks, extra).fit()
+    return build_trainer(config, scaling, name, storage_path, max_failures, callbacks, extra, score).fit()

@@ -28,7 +28,12 @@ embedding: as a query it misses, as an index pose it is never retrieved. Result 
 
     {"rigs": {rig: {method: {"hit@k": fraction}}},
      "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}},
-     "invalid": {rig: {pattern: fraction}}, "cameras": {rig: [camera, ...]}, ...}
+     "invalid": {rig: {pattern: fraction}}, "cameras": {rig: [camera, ...]},
+     "se": {rig: {method: {"hit@k": standard error over queries}}}, ...}
+
+``se`` (clean protocol) treats each query, its hits averaged over the camera pairs, as one observation: the
+standard error says how far a Hit@k could move with other poses of the same subjects, which is what decides
+whether two configurations can be told apart on that set.
 """
 
 from __future__ import annotations
@@ -96,8 +101,8 @@ def pairwise_procrustes_2d(queries: torch.Tensor, index: torch.Tensor, query_vis
     return out
 
 
-def hits_at_k(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """Hit@k from a retrieval distance and the 3D match table.
+def query_hits(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Per-query hits at each k: ``{"hit@k": [queries] float (1 = hit)}``.
 
     Args:
         distance: ``[queries, index]``, smaller = more similar; ``inf`` = never retrieved (a query whose
@@ -108,7 +113,12 @@ def hits_at_k(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]
     top = distance.topk(kmax, dim=1, largest=False)
     hit = match3d.gather(1, top.indices) & torch.isfinite(top.values)  # [queries, kmax]
     first = torch.cumsum(hit.int(), dim=1) > 0
-    return {f"hit@{k}": first[:, min(k, kmax) - 1].float().mean().item() for k in ks}
+    return {f"hit@{k}": first[:, min(k, kmax) - 1].float() for k in ks}
+
+
+def hits_at_k(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """Hit@k (fraction of queries) from a retrieval distance ``[queries, index]`` and the 3D match table."""
+    return {key: hits.mean().item() for key, hits in query_hits(distance, match3d, ks).items()}
 
 
 def resolve_rig(rig: str) -> tuple[str, tuple[OrbitCamera, ...]]:
@@ -181,7 +191,7 @@ def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor,
         else:
             d = pairwise_np_mpjpe(x["lifted"], q["lifted"]).T
         d = d.masked_fill(~q["valid"][:, None] | ~x["valid"][None, :], math.inf)
-        out[method] = hits_at_k(d, match3d, ks)
+        out[method] = query_hits(d, match3d, ks)
     return out
 
 
@@ -191,9 +201,20 @@ def _generator(seed: int, rig: str, camera: int, protocol: str) -> torch.Generat
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{rig}/{camera}/{protocol}".encode()))
 
 
-def _average(per_pair: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    return {method: {key: sum(p[method][key] for p in per_pair) / len(per_pair) for key in per_pair[0][method]}
-            for method in per_pair[0]}
+def _average(per_pair: list[dict[str, dict[str, torch.Tensor]]],
+             se: dict | None = None) -> dict[str, dict[str, float]]:
+    """Hit@k over queries and camera pairs; with ``se``, also fill it with each value's standard error over
+    queries (a query's hits averaged over the pairs is one observation: the queries are the sample)."""
+    out: dict[str, dict[str, float]] = {}
+    for method in per_pair[0]:
+        out[method] = {}
+        for key in per_pair[0][method]:
+            per_query = torch.stack([p[method][key] for p in per_pair]).double().mean(0)  # [queries]
+            out[method][key] = per_query.mean().item()
+            if se is not None:
+                n = per_query.numel()
+                se.setdefault(method, {})[key] = (per_query.std().item() / math.sqrt(n)) if n > 1 else math.nan
+    return out
 
 
 @torch.no_grad()
@@ -219,7 +240,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
     k = samples or (config.model.samples if probabilistic else 1)
     match: MatchProbability = model.match
     methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
-    result: dict = {"rigs": {}, "occlusion": {}, "invalid": {}, "cameras": {}, "queries": int(len(rows)),
+    result: dict = {"rigs": {}, "se": {}, "occlusion": {}, "invalid": {}, "cameras": {}, "queries": int(len(rows)),
                     "subjects": table.subjects, "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa,
                     "frames": frames}
     windows = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
@@ -234,7 +255,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                  for i, p in enumerate(pixels)]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
         result["rigs"][name] = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods)
-                                         for i, j in pairs])
+                                         for i, j in pairs], se=result["se"].setdefault(name, {}))
         progress(f"[evaluate] rig {name}: {len(rows)} queries x {len(pairs)} camera pairs "
                  f"({time.perf_counter() - start:.0f} s)")
         if not ev.occlusion:
@@ -323,6 +344,41 @@ def write_json(result: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg")
+
+
+def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """A result as flat metric names: ``{prefix}{rig}/{method}/hit@k`` (clean),
+    ``{prefix}{rig}/{pattern}/{index}/{method}/hit@1`` (occlusion), ``{prefix}{rig}/{method}/hit@k_se``,
+    and the summaries ``{prefix}hit@k`` (Pr-VIPE over the rigs) and ``{prefix}hit@1_1limb`` (Pr-VIPE, one
+    limb hidden, clean index, over the limbs and rigs); the lifter and 2D-NN get ``{prefix}{method}_hit@k``."""
+    out: dict[str, float] = {}
+    for rig, methods in result["rigs"].items():
+        for method, hits in methods.items():
+            for key, value in hits.items():
+                out[f"{prefix}{rig}/{method}/{key}"] = value
+                se = result.get("se", {}).get(rig, {}).get(method, {}).get(key)
+                if se is not None:
+                    out[f"{prefix}{rig}/{method}/{key}_se"] = se
+    for rig, patterns in (result.get("occlusion") or {}).items():
+        for pattern, modes in patterns.items():
+            for mode, methods in modes.items():
+                if pattern == "none" and mode == "occluded":
+                    continue  # the same numbers as the clean index
+                for method, hits in methods.items():
+                    out[f"{prefix}{rig}/{pattern}/{mode}/{method}/hit@1"] = hits["hit@1"]
+    rigs = list(result["rigs"])
+    for method in next(iter(result["rigs"].values())):
+        name = "" if method == "prvipe" else f"{method}_"
+        for key in next(iter(result["rigs"].values()))[method]:
+            out[f"{prefix}{name}{key}"] = sum(result["rigs"][r][method][key] for r in rigs) / len(rigs)
+        occlusion = result.get("occlusion") or {}
+        limbs = [occlusion[r][p]["clean"][method]["hit@1"] for r in occlusion for p in LIMBS if p in occlusion[r]]
+        if limbs:
+            out[f"{prefix}{name}hit@1_1limb"] = sum(limbs) / len(limbs)
+    return out
 
 
 def retrieval_objective(result: dict, metric: str = "hit@1") -> float:

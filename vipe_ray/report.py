@@ -92,10 +92,16 @@ def render(summary: dict, lines: list[TrialLine], objective: str, mode: str, rig
     out += [rule, f"rig@k: Hit@k in % of validation queries (Pr-VIPE, mean over the rig's camera pairs); "
                   f"{objective} = mean over rigs"]
     if best:
-        out.append(f"best trial: {best.get('trial_id')} ({objective} {_pct(best.get('value'))}%), "
-                   f"MLflow run {best.get('run_id')}")
+        step = f" at step {best['step']}" if best.get("step") is not None else ""
+        out.append(f"best trial: {best.get('trial_id')} ({objective} {_pct(best.get('value'))}%{step}, its best "
+                   f"validation checkpoint), MLflow run {best.get('run_id')}")
     else:
         out.append("best trial: none (no trial finished with a score)")
+    test = summary.get("test") or {}
+    if "test/hit@1" in test:
+        limb = f", one limb hidden {_pct(test['test/hit@1_1limb'])}%" if "test/hit@1_1limb" in test else ""
+        out.append(f"its test subjects (never selected on): Pr-VIPE Hit@1 {_pct(test['test/hit@1'])}% over the "
+                   f"evaluation rigs{limb}; every protocol is logged on the run as test/...")
     registered = summary.get("registered_model")
     if registered:
         out.append(f"registered model: {registered['name']} version {registered['version']} "

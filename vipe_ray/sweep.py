@@ -2,6 +2,8 @@
 
     python -m vipe_ray.sweep SWEEP.yaml [--resume] [--address ADDR] [--tracking-uri URI] [--storage DIR]
 
+(A YAML with a ``study:`` block is an ablation study: a grid of variants x seeds, see :mod:`vipe_ray.study`.)
+
 A sweep YAML names a base training config, fixed overrides, a search space over dotted config keys, the
 objective, trials, concurrency, resources per trial and a seed (see ``sweeps/``). Everything is validated
 before Ray starts a trial: unknown keys, wrong types, empty spaces, values the training config rejects and
@@ -102,7 +104,8 @@ class SweepConfig:
     max_failures: int = 1
     experiment: str | None = None
     register_model: str | None = None
-    validation_queries: int = 200
+    #: At most this many validation queries per rig (0: all, every ``eval.val_every`` source frames).
+    validation_queries: int = 0
     #: Fixed first trials ({dotted key: value}); Optuna samples the rest.
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     #: Trials TPE samples at random before it models the objective (0: half the trials, at most 10 --
@@ -244,9 +247,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise ConfigError(f"{where}: {exc}") from None
     points = _parse_points(raw.get("points_to_evaluate"), space, where)
     sweep = replace(sweep, search_space=space, overrides=overrides, points_to_evaluate=points, path=where)
-    for key in ("trials", "concurrency", "validation_queries"):
+    for key in ("trials", "concurrency"):
         if getattr(sweep, key) < 1:
             raise ConfigError(f"{where}: {key}: {getattr(sweep, key)} must be >= 1")
+    if sweep.validation_queries < 0:
+        raise ConfigError(f"{where}: validation_queries: {sweep.validation_queries} must be >= 0 (0: all)")
     if sweep.time_budget_s <= 0:
         raise ConfigError(f"{where}: time_budget_s: {sweep.time_budget_s} must be > 0")
     if not 0 <= sweep.startup_trials <= sweep.trials:
@@ -383,7 +388,8 @@ def run_trial(params: dict, settings: dict) -> None:
                         config, data_info(config)["checksum"])
     fit(config, sweep.resources, name=f"train-{trial_id}",
         storage_path=settings["storage"], max_failures=sweep.max_failures, callbacks=[TuneReportCallback()],
-        extra={"on_report": MlflowReporter(settings["tracking_uri"], run_id), "val_queries": sweep.validation_queries})
+        extra={"on_report": MlflowReporter(settings["tracking_uri"], run_id), "val_queries": sweep.validation_queries},
+        score=(sweep.objective.metric, sweep.objective.mode))
 
 
 def _latest_run_dir(storage: Path, name: str) -> Path | None:
@@ -391,8 +397,82 @@ def _latest_run_dir(storage: Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str, sweep: SweepConfig) -> dict:
-    """Log a trial's model, Hit@k plot and retrieval figure from its last checkpoint; close its run."""
+class TrialFinisher:
+    """Tune callback on the driver: follows each trial's best checkpoint (by the objective) and, the moment a
+    trial ends (finished, stopped early by ASHA or by the time budget, or failed), logs its model and plots
+    and closes its MLflow run -- a sweep stopped late still has every ended trial's model.
+
+    Holds only strings and the sweep (it is pickled with Tune's state and restored on ``--resume``).
+    """
+
+    def __init__(self, sweep: SweepConfig, base: dict, tracking_uri: str, experiment_id: str, parent_id: str):
+        self.sweep, self.base, self.tracking_uri = sweep, base, tracking_uri
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+        self.best: dict[str, tuple[float, str]] = {}  # trial id -> (objective, checkpoint path)
+        self.last_step: dict[str, int] = {}
+        self.steps: dict[str, int] = {}  # trial id -> its config's steps
+        self.finished: dict[str, dict] = {}  # trial id -> finalize_trial's summary (+ run id)
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.sweep.objective.mode == "max" else value < than
+
+    def on_trial_result(self, trial_id: str, result: dict, params: dict | None = None) -> None:
+        if params is not None and trial_id not in self.steps:
+            self.steps[trial_id] = trial_config(self.base, params).optim.steps
+        self.last_step[trial_id] = max(self.last_step.get(trial_id, 0), int(result.get("step", 0)))
+        value, path = result.get(self.sweep.objective.metric), result.get("checkpoint_path")
+        if isinstance(value, (int, float)) and math.isfinite(value) and path:
+            if trial_id not in self.best or self._better(float(value), self.best[trial_id][0]):
+                self.best[trial_id] = (float(value), path)
+
+    def on_trial_end(self, trial_id: str, error: str | None = None) -> dict:
+        """Finalize one trial's run (once); returns its summary."""
+        if trial_id in self.finished:
+            return self.finished[trial_id]
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        found = client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`ray.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_id}'"))
+        info: dict = {"run_id": found[0].info.run_id if found else None}
+        if found and found[0].info.status != "RUNNING":  # closed before a --resume
+            tags = found[0].data.tags
+            info.update({k: tags[k] for k in ("model_uri", "checkpoint") if k in tags})
+            if "checkpoint_step" in tags:
+                info["step"] = int(tags["checkpoint_step"])
+        elif found:
+            run_id = found[0].info.run_id
+            if error:
+                client.set_tag(run_id, "error", error[:5000])
+            elif self.last_step.get(trial_id, 0) < self.steps.get(trial_id, 0):
+                client.set_tag(run_id, "stopped_early", "asha or time budget")
+            best = self.best.get(trial_id)
+            info.update(finalize_trial(client, run_id, best[1] if best else None, "FAILED" if error else "FINISHED",
+                                       self.sweep.validation_queries))
+        self.finished[trial_id] = info
+        return info
+
+    def tune_callback(self):
+        """This finisher as a ``ray.tune.Callback``."""
+        from ray.tune import Callback
+
+        finisher = self
+
+        class _Callback(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                finisher.on_trial_result(trial.trial_id, result, trial.config)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                finisher.on_trial_end(trial.trial_id)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                finisher.on_trial_end(trial.trial_id, error=str(getattr(trial, "error_file", None) or "error"))
+
+        return _Callback()
+
+
+def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str, validation_queries: int = 0) -> dict:
+    """Log a trial's model, Hit@k plot and retrieval figure from its best checkpoint; close its run."""
     import mlflow
     import torch
 
@@ -409,7 +489,8 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
         # The validation protocol the trial was selected on: validation rigs, clean keypoints.
         result = evaluate_rigs(ckpt.model, config, table, progress=lambda _m: None,
                                eval_config=replace(config.eval, rigs=config.eval.val_rigs, occlusion=False,
-                                                   max_queries=sweep.validation_queries))
+                                                   every=config.eval.val_every,
+                                                   max_queries=validation_queries))
         log_figure(client, run_id, hit_plot, result, name="hit_at_k.png")
         log_figure(client, run_id, retrieval_figure, ckpt.model, config, table, name="retrievals.png")
         client.log_dict(run_id, result, "validation_retrieval.json")
@@ -421,8 +502,10 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
             pixels = pixels[:, None].expand(-1, config.temporal.window, -1, -1).contiguous()
         with mlflow.start_run(run_id=run_id, nested=True):
             info = log_model(mlflow, ckpt.model, config, pixels)
-        summary = {"model_uri": info.model_uri, "step": ckpt.step}
+        summary = {"model_uri": info.model_uri, "step": ckpt.step, "checkpoint": checkpoint_path}
+        client.set_tag(run_id, "model_uri", info.model_uri)
         client.set_tag(run_id, "checkpoint", checkpoint_path)
+        client.set_tag(run_id, "checkpoint_step", str(ckpt.step))
     client.set_terminated(run_id, status)
     return summary
 
@@ -515,6 +598,7 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
     trial_cpus = sweep.resources.cpus_per_worker if sweep.resources.num_workers == 0 else 0.01
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": trial_cpus})
     metric, mode = sweep.objective.metric, sweep.objective.mode
+    finisher = TrialFinisher(sweep, base, tracking_uri, experiment_id, parent_id)
     if resume:
         tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -526,17 +610,27 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
                 metric=metric, mode=mode, num_samples=sweep.trials, max_concurrent_trials=concurrency,
                 search_alg=build_searcher(sweep),
                 scheduler=scheduler, time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1,
+                                      callbacks=[finisher.tune_callback()]),
         )
+    started = time.monotonic()
     grid = tuner.fit()
-    if len(grid) < sweep.trials or grid.num_terminated + grid.num_errors < len(grid):
+    # Tune ends a sweep that exhausts time_budget_s like an interruption; here it is the sweep's normal end:
+    # the trials that ended are summarized and the best is registered.
+    out_of_time = time.monotonic() - started >= 0.98 * sweep.time_budget_s
+    if out_of_time:
+        log(f"[sweep] time budget of {sweep.time_budget_s:.0f} s used up: {len(grid)} of {sweep.trials} trials "
+            f"started; summarizing those")
+        client.set_tag(parent_id, "ended", "time_budget")
+    elif len(grid) < sweep.trials or grid.num_terminated + grid.num_errors < len(grid):
         # Interrupted (e.g. Ctrl-C): Tune saved its state; leave the runs open for --resume.
         client.update_run(parent_id, status="KILLED")
         log(f"[sweep] interrupted with {grid.num_terminated} of {sweep.trials} trials finished; "
             f"continue with: python -m vipe_ray.sweep {sweep.path} --resume")
         return {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id,
                 "tracking_uri": tracking_uri, "trials": [], "best": None, "interrupted": True}
-    return summarize(grid, sweep, client, parent_id, experiment_id, tracking_uri, run_dir)
+    return summarize(grid, sweep, client, parent_id, experiment_id, tracking_uri, run_dir, finisher)
+
 
 
 def _parent_description(sweep: SweepConfig, command: str) -> str:
@@ -548,35 +642,36 @@ def _parent_description(sweep: SweepConfig, command: str) -> str:
 
 
 def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: str, tracking_uri: str,
-              run_dir: Path) -> dict:
-    """Close every trial's run, log the sweep's plots on the parent and register the best model."""
+              run_dir: Path, finisher: TrialFinisher) -> dict:
+    """Close every trial's run (those the finisher has not), log the sweep's plots on the parent, register
+    the best trial's best-validation checkpoint and log its test-set metrics."""
     import mlflow
 
     metric, mode = sweep.objective.metric, sweep.objective.mode
     rows = []
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    steps = trial_config(base_values(sweep), {}).optim.steps
     for result in grid:
         metrics = result.metrics or {}
-        config_params = dict(result.config or {})
-        run = next((r for r in runs if r.data.tags.get("ray.trial_id") == metrics.get("trial_id")), None)
-        status = "FAILED" if result.error else "FINISHED"
-        info: dict = {}
-        if run is not None:
-            if result.error:
-                client.set_tag(run.info.run_id, "error", str(result.error)[:5000])
-            if metrics.get("step", 0) < steps and not result.error:
-                client.set_tag(run.info.run_id, "stopped_early", "asha")
-            info = finalize_trial(client, run.info.run_id, metrics.get("checkpoint_path"), status, sweep)
-        rows.append({"trial_id": metrics.get("trial_id"), "params": config_params, "value": metrics.get(metric),
-                     "steps": metrics.get("step"), "run_id": run.info.run_id if run else None,
+        trial_id = metrics.get("trial_id")
+        if not trial_id:  # never reported: its run was closed by the finisher's on_trial_error
+            continue
+        # After a --resume the finisher has not seen the earlier reports: Tune's history has them all.
+        history = result.metrics_dataframe
+        if history is not None and {metric, "checkpoint_path"} <= set(history.columns):
+            for record in history[[metric, "checkpoint_path", "step"]].to_dict("records"):
+                finisher.on_trial_result(trial_id, record)
+        finisher.steps.setdefault(trial_id, trial_config(finisher.base, dict(result.config or {})).optim.steps)
+        info = finisher.on_trial_end(trial_id, error=str(result.error) if result.error else None)
+        best = finisher.best.get(trial_id)
+        rows.append({"trial_id": trial_id, "params": dict(result.config or {}),
+                     "value": best[0] if best else metrics.get(metric),
+                     "steps": finisher.last_step.get(trial_id, metrics.get("step")),
                      "error": bool(result.error), **info})
-    scored = [r for r in rows if isinstance(r["value"], (int, float)) and not r["error"]]
+    scored = [r for r in rows if isinstance(r["value"], (int, float)) and not r["error"] and r.get("model_uri")]
     best = (max if mode == "max" else min)(scored, key=lambda r: r["value"]) if scored else None
     summary = {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
                "experiment_id": experiment_id, "trials": rows, "best": best}
     _log_search_plots(client, parent_id, sweep, rows)
-    if best is not None and best.get("model_uri"):
+    if best is not None:
         client.log_metric(parent_id, f"best_{metric.replace('@', '_at_')}", float(best["value"]))
         for key, value in best["params"].items():
             client.set_tag(parent_id, f"best.{key}", value)
@@ -585,10 +680,41 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
         version = mlflow.register_model(best["model_uri"], sweep.registered_model)
         summary["registered_model"] = {"name": version.name, "version": version.version}
         client.set_tag(parent_id, "best_run_id", best["run_id"])
+        test = test_metrics(best["checkpoint"])
+        client.log_batch(best["run_id"], metrics=_mlflow_metrics(test))
+        client.log_batch(parent_id, metrics=_mlflow_metrics({f"best_{k}": v for k, v in test.items()}))
+        for key in ("test/hit@1", "test/hit@1_1limb"):
+            if key in test:
+                client.set_model_version_tag(version.name, version.version, key.replace("@", "_at_"),
+                                             f"{test[key]:.4f}")
+        client.set_model_version_tag(version.name, version.version, "checkpoint_step", str(best.get("step")))
+        summary["test"] = test
     client.log_dict(parent_id, summary, "sweep_summary.json")
     client.set_terminated(parent_id, "FINISHED" if best else "FAILED")
     (run_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _mlflow_metrics(values: dict[str, float]):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
+
+
+def test_metrics(checkpoint_path: str, lifter=None, progress=lambda _m: None, with_result: bool = False):
+    """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
+    flattened for MLflow (:func:`vipe_ray.evaluate.flat_metrics`, prefix ``test/``); with ``with_result``,
+    also the full result."""
+    from vipe_ray.data import load_table
+    from vipe_ray.evaluate import evaluate_rigs, flat_metrics
+    from vipe_ray.train import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_path)
+    table = load_table(ckpt.config.data.table_path()).select(ckpt.config.data.test_subjects)
+    result = evaluate_rigs(ckpt.model, ckpt.config, table, lifter=lifter, progress=progress)
+    metrics = flat_metrics(result, "test/")
+    return (metrics, result) if with_result else metrics
 
 
 def _log_search_plots(client, parent_id: str, sweep: SweepConfig, rows: list[dict]) -> None:
@@ -648,7 +774,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="ray_results", help="Ray Tune/Train results folder")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "vipe_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
+    from vipe_ray import study as studies  # a study is run by this command too; it builds on this module
+
     try:
+        if studies.is_study(args.sweep):
+            study = studies.load_study(args.sweep)
+            summary = studies.run_study(study, args.resume, args.address, args.tracking_uri, args.storage,
+                                        command=command)
+            if summary.get("interrupted"):
+                return 130
+            log(f"\n[study] report: {summary['report']} (also on MLflow parent run {summary['parent_run_id']})")
+            return 0
         sweep = load_sweep(args.sweep)
         summary = run_sweep(sweep, args.resume, args.address, args.tracking_uri, args.storage, command=command)
     except ConfigError as exc:

@@ -321,8 +321,17 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
         "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, resume, progress,
         ("loss", "triplet_loss", "active_triplets", "a", "b"))}
     if config.lifter_baseline:
-        torch.manual_seed(config.seed)
-        summary["lifter"] = _run_loop(
-            "lifter", out, LIFTER_CHECKPOINT, "lifter", config, table, Lifter(config.model), lifter_step,
-            resume, progress, ("lifter_mpjpe",))
+        summary["lifter"] = train_lifter(config, out, resume, progress, table)
     return summary
+
+
+def train_lifter(config: TrainConfig, out: str | Path, resume: bool = False,
+                 progress: Callable[[str], None] = log, table: PoseTable | None = None) -> dict:
+    """Train the 3D-lifting baseline alone (same data, views, dropout, precision and steps as Pr-VIPE) into
+    ``out/lifter.pt``; returns its summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = table if table is not None else load_table(config.data.table_path())
+    torch.manual_seed(config.seed)
+    return _run_loop("lifter", out, LIFTER_CHECKPOINT, "lifter", config, table, Lifter(config.model), lifter_step,
+                     resume, progress, ("lifter_mpjpe",))
