@@ -230,6 +230,30 @@ def run_study_trial(params: dict, settings: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: str | Path = "ray_results",
+                 command: str | None = None) -> dict:
+    """(Re)write the report of the latest run of ``study`` from MLflow alone -- no Ray, no training. A run
+    whose grid is not complete gets a report marked partial."""
+    import mlflow
+
+    from vipe_ray import study_report
+    from vipe_ray.tracking import default_tracking_uri
+
+    run_dir = _latest_run_dir(Path(storage).expanduser().resolve(), study.name)
+    if run_dir is None or not (run_dir / PARENT_RUN_FILE).exists():
+        raise ConfigError(f"--report: no run of study {study.name!r} under {storage}")
+    parent_id = (run_dir / PARENT_RUN_FILE).read_text().strip()
+    tracking_uri = tracking_uri or default_tracking_uri()
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    done = len(study_report.collect(client, experiment_id, parent_id))
+    total = len(study.trials())
+    partial = None if done >= total else (f"{done} of {total} trials had finished when this report was written; "
+                                          f"`python -m vipe_ray.sweep {study.path} --resume` runs the rest")
+    return study_report.write(study, client, experiment_id, parent_id, tracking_uri,
+                              command=command or f"python -m vipe_ray.sweep {study.path}", partial=partial)
+
+
 def run_study(study: StudyConfig, resume: bool = False, address: str | None = None, tracking_uri: str | None = None,
               storage: str | Path = "ray_results", command: str | None = None) -> dict:
     """Run (or resume) a study end to end; returns the report's summary (see :mod:`vipe_ray.study_report`)."""
@@ -303,18 +327,28 @@ def run_study(study: StudyConfig, resume: bool = False, address: str | None = No
         else:
             tuner = tune.Tuner(
                 trainable,
-                # Seeds outermost: a study stopped part-way has whole seeds of every variant, not whole variants.
-                param_space={"seed": tune.grid_search(list(study.seeds)),
-                             "variant": tune.grid_search(list(study.variants))},
+                # Tune varies the first key fastest: every variant of seed 0 first, so a study stopped part-way
+                # has whole seeds of every variant rather than whole variants.
+                param_space={"variant": tune.grid_search(list(study.variants)),
+                             "seed": tune.grid_search(list(study.seeds))},
                 tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1),
             )
         grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid):
+        total = len(study.trials())
+        if grid.num_terminated + grid.num_errors < total:
             client.update_run(parent_id, status="KILLED")
-            log(f"[study] interrupted with {grid.num_terminated} of {len(grid)} trials finished; continue with: "
-                f"python -m vipe_ray.sweep {study.path} --resume")
-            return {"study": study.name, "interrupted": True, "run_dir": str(run_dir), "parent_run_id": parent_id}
+            resume_with = f"python -m vipe_ray.sweep {study.path} --resume"
+            log(f"[study] interrupted with {grid.num_terminated} of {total} trials finished; continue with: "
+                f"{resume_with}")
+            summary = {"study": study.name, "interrupted": True, "run_dir": str(run_dir), "parent_run_id": parent_id}
+            if grid.num_terminated:  # what is done is worth reading: a report marked partial
+                summary.update(study_report.write(study, client, experiment_id, parent_id, tracking_uri,
+                                                  command=command, partial=f"{grid.num_terminated} of {total} "
+                                                  f"trials finished when the study was interrupted; `{resume_with}` "
+                                                  f"runs the rest and rewrites this report"))
+                log(f"[study] partial report: {summary['report']}")
+            return summary
         summary = study_report.write(study, client, experiment_id, parent_id, tracking_uri, command=command)
         client.set_terminated(parent_id, "FINISHED" if not grid.num_errors else "FAILED")
         (run_dir / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -125,7 +125,12 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
     ref = study.reference
     seeds = sorted({r.seed for r in records})
     lines = [f"# Study `{study.name}`", ""]
-    lines += [f"{len(variants)} variants x {len(seeds)} seeds ({seeds}) = {len(records)} trials with test metrics. "
+    if provenance.get("partial"):
+        lines += [f"**Partial report**: {provenance['partial']}.", ""]
+    counts = sorted({sum(1 for r in records if r.variant == v) for v in variants})
+    per_variant = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    lines += [f"{len(variants)} variants, {per_variant} seeds each (of {seeds}): {len(records)} trials with test "
+              f"metrics. "
               f"Each trial trained on the training subjects, kept its best-validation checkpoint (validation "
               f"subjects, `wide-val` rig) and was then tested once on the held-out test subjects with every "
               f"protocol. Cells: mean over seeds of Hit@k in %, with the 95% Student-t interval over seeds in "
@@ -268,7 +273,7 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
 
 
 def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, command: str,
-          out_root: str | Path | None = None) -> dict:
+          out_root: str | Path | None = None, partial: str | None = None) -> dict:
     """Collect, aggregate and write the report to ``{report_dir}/{name}/`` and the parent run's ``report/``."""
     import mlflow
     import numpy
@@ -290,12 +295,15 @@ def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, 
     base = base_values(study)
     reference = variant_config(study, base, study.reference, study.seeds[0])
     data = data_info(reference)
+    parent_tags = client.get_run(parent_id).data.tags
+    trained, writing = parent_tags.get("git_commit", "unknown"), git_commit()
     provenance = {
-        "command": command, "commit": git_commit(), "data": reference.data.table, "checksum": data["checksum"],
+        "command": parent_tags.get("command", command),
+        "commit": trained if trained == writing else f"{trained} (trials); report written by {writing}", "data": reference.data.table, "checksum": data["checksum"],
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
                     f"mlflow {mlflow.__version__}, numpy {numpy.__version__}",
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "experiment": study.experiment_name,
-        "parent_run_id": parent_id, "eval_kappa": reference.eval.kappa,
+        "parent_run_id": parent_id, "eval_kappa": reference.eval.kappa, "partial": partial,
     }
     plots = _plots(study, records, table, out)
     text = markdown(study, records, table, provenance, plots)

@@ -408,22 +408,30 @@ class TrialFinisher:
     def __init__(self, sweep: SweepConfig, base: dict, tracking_uri: str, experiment_id: str, parent_id: str):
         self.sweep, self.base, self.tracking_uri = sweep, base, tracking_uri
         self.experiment_id, self.parent_id = experiment_id, parent_id
-        self.best: dict[str, tuple[float, str]] = {}  # trial id -> (objective, checkpoint path)
+        self.checkpoints: dict[str, dict[str, tuple[float, int]]] = {}  # trial id -> {path: (objective, step)}
         self.last_step: dict[str, int] = {}
         self.steps: dict[str, int] = {}  # trial id -> its config's steps
         self.finished: dict[str, dict] = {}  # trial id -> finalize_trial's summary (+ run id)
 
-    def _better(self, value: float, than: float) -> bool:
-        return value > than if self.sweep.objective.mode == "max" else value < than
-
     def on_trial_result(self, trial_id: str, result: dict, params: dict | None = None) -> None:
         if params is not None and trial_id not in self.steps:
             self.steps[trial_id] = trial_config(self.base, params).optim.steps
-        self.last_step[trial_id] = max(self.last_step.get(trial_id, 0), int(result.get("step", 0)))
+        step = int(result.get("step", 0))
+        self.last_step[trial_id] = max(self.last_step.get(trial_id, 0), step)
         value, path = result.get(self.sweep.objective.metric), result.get("checkpoint_path")
-        if isinstance(value, (int, float)) and math.isfinite(value) and path:
-            if trial_id not in self.best or self._better(float(value), self.best[trial_id][0]):
-                self.best[trial_id] = (float(value), path)
+        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(path, str):
+            self.checkpoints.setdefault(trial_id, {})[path] = (float(value), step)
+
+    def best(self, trial_id: str) -> tuple[float, str] | None:
+        """(objective, path) of the trial's best checkpoint still on disk: ties go to the later step (Ray Train
+        keeps the best two and the latest, so of tied ones the earlier may be gone)."""
+        sign = 1.0 if self.sweep.objective.mode == "max" else -1.0
+        ranked = sorted(self.checkpoints.get(trial_id, {}).items(), key=lambda kv: (sign * kv[1][0], kv[1][1]),
+                        reverse=True)
+        for path, (value, _) in ranked:
+            if "://" in path or Path(path).exists():
+                return value, path
+        return None
 
     def on_trial_end(self, trial_id: str, error: str | None = None) -> dict:
         """Finalize one trial's run (once); returns its summary."""
@@ -446,7 +454,7 @@ class TrialFinisher:
                 client.set_tag(run_id, "error", error[:5000])
             elif self.last_step.get(trial_id, 0) < self.steps.get(trial_id, 0):
                 client.set_tag(run_id, "stopped_early", "asha or time budget")
-            best = self.best.get(trial_id)
+            best = self.best(trial_id)
             info.update(finalize_trial(client, run_id, best[1] if best else None, "FAILED" if error else "FINISHED",
                                        self.sweep.validation_queries))
         self.finished[trial_id] = info
@@ -661,7 +669,7 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
                 finisher.on_trial_result(trial_id, record)
         finisher.steps.setdefault(trial_id, trial_config(finisher.base, dict(result.config or {})).optim.steps)
         info = finisher.on_trial_end(trial_id, error=str(result.error) if result.error else None)
-        best = finisher.best.get(trial_id)
+        best = finisher.best(trial_id)
         rows.append({"trial_id": trial_id, "params": dict(result.config or {}),
                      "value": best[0] if best else metrics.get(metric),
                      "steps": finisher.last_step.get(trial_id, metrics.get("step")),
@@ -772,13 +780,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--storage", default="ray_results", help="Ray Tune/Train results folder")
+    parser.add_argument("--report", action="store_true",
+                        help="studies only: rewrite the latest run's report from MLflow (no training)")
     args = parser.parse_args(argv)
+    if args.report and args.resume:
+        parser.error("--report and --resume: choose one")
     command = shlex.join(["python", "-m", "vipe_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
     from vipe_ray import study as studies  # a study is run by this command too; it builds on this module
 
     try:
         if studies.is_study(args.sweep):
             study = studies.load_study(args.sweep)
+            if args.report:
+                summary = studies.report_study(study, args.tracking_uri, args.storage)
+                log(f"[study] report: {summary['report']}")
+                return 0
             summary = studies.run_study(study, args.resume, args.address, args.tracking_uri, args.storage,
                                         command=command)
             if summary.get("interrupted"):
