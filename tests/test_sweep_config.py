@@ -45,6 +45,13 @@ def test_shipped_sweep_validates_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# python -m vipe_ray.sweep sweeps/{path.name}", "every sweep starts with its exact command"
     base = base_values(sweep)
+    if path.stem != "smoke":  # the smoke sweep's first point is a corner of its space, to differ visibly
+        reference = trial_config(base, {})
+        for key, value in sweep.points_to_evaluate[0].items():
+            node = reference
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == pytest.approx(value), f"the first trial is the base config ({key} = {node})"
     for key, param in sweep.search_space.items():
         for value in param.candidates():
             config = trial_config(base, {key: value})
