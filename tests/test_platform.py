@@ -154,8 +154,8 @@ def test_sweep_output_ends_with_a_summary_matching_mlflow(smoke_job):
     children = {r.data.tags["ray.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert table[0] == f"Sweep smoke: {len(children)} trials, objective val_hit@1 (max)"
     header = table[2].split()
-    rigs_ks = [h.split("@") for h in header[6:]]
-    assert header[:6] == ["trial", "status", "mining.kappa", "model.embedding_dim", "steps", "val_hit@1"]
+    rigs_ks = [h.split("@") for h in header[7:]]
+    assert header[:7] == ["trial", "status", "mining.kappa", "model.embedding_dim", "steps", "kept", "val_hit@1"]
     assert {rig for rig, _ in rigs_ks} == {"wide-val"} and {k for _, k in rigs_ks} == {"1", "5", "10", "20"}
     rows = table[4:4 + len(children)]
     assert table[4 + len(children)].startswith("---"), "one row per trial, nothing else"
@@ -171,9 +171,17 @@ def test_sweep_output_ends_with_a_summary_matching_mlflow(smoke_job):
         assert float(cells[2]) == pytest.approx(kappa, rel=1e-3)
         assert cells[3] == run.data.params["model.embedding_dim"]
         assert cells[4] == run.data.params["optim.steps"]
-        assert float(cells[5]) == pytest.approx(100 * run.data.metrics["val_hit_at_1"], abs=0.051)
-        for (rig, k), cell in zip(rigs_ks, cells[6:]):
-            assert float(cell) == pytest.approx(100 * run.data.metrics[f"val_{rig}_hit_at_{k}"], abs=0.051)
+        kept = int(cells[5])
+        assert kept == int(run.data.tags["checkpoint_step"])
+
+        def at_kept(key: str) -> float:
+            return next(m.value for m in client.get_metric_history(run.info.run_id, key) if m.step == kept)
+
+        history = client.get_metric_history(run.info.run_id, "val_hit_at_1")
+        assert at_kept("val_hit_at_1") == max(m.value for m in history), "the kept checkpoint is the best"
+        assert float(cells[6]) == pytest.approx(100 * at_kept("val_hit_at_1"), abs=0.051)
+        for (rig, k), cell in zip(rigs_ks, cells[7:]):
+            assert float(cell) == pytest.approx(100 * at_kept(f"val_{rig}_hit_at_{k}"), abs=0.051)
     assert max(kappas) - min(kappas) > 0.01, "the smoke trials differ visibly"
     version = client.search_model_versions(f"run_id = '{parent.data.tags['best_run_id']}'")[0]
     assert f"registered model: {version.name} version {version.version} " in "\n".join(table)

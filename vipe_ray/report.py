@@ -1,7 +1,7 @@
 """The sweep's closing summary: one table of the trials as MLflow recorded them, and where to look next.
 
-Values come from MLflow (each trial run's latest metrics, the registry), not from Ray's in-memory results,
-so the console says exactly what the UI shows.
+Values come from MLflow (each trial run's metrics at the checkpoint it kept -- its best-validation one --,
+the registry), not from Ray's in-memory results, so the console says exactly what the UI shows.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class TrialLine:
     status: str
     params: dict[str, Any]
     steps: int | None
+    checkpoint_step: int | None
     objective: float | None
     hits: dict[str, dict[int, float | None]]  # rig -> k -> fraction
 
@@ -37,12 +38,20 @@ def collect(client, summary: dict, objective: str, rigs: tuple[str, ...], ks: tu
     for row in summary["trials"]:
         metrics: dict[str, float] = {}
         status = "FAILED" if row.get("error") else "FINISHED"
+        step = None
         if row.get("run_id"):
             run = client.get_run(row["run_id"])
-            metrics, status = run.data.metrics, run.info.status
+            metrics, status = dict(run.data.metrics), run.info.status
+            if "checkpoint_step" in run.data.tags:
+                step = int(run.data.tags["checkpoint_step"])
+                keys = [mlflow_key(objective)] + [RIG_METRIC.format(rig=rig, k=k) for rig in rigs for k in ks]
+                for key in keys:
+                    at_step = [m.value for m in client.get_metric_history(row["run_id"], key) if m.step == step]
+                    if at_step:
+                        metrics[key] = at_step[-1]
         hits = {rig: {k: metrics.get(RIG_METRIC.format(rig=rig, k=k)) for k in ks} for rig in rigs}
         lines.append(TrialLine(str(row.get("trial_id")), row.get("run_id"), status, dict(row.get("params") or {}),
-                               row.get("steps"), metrics.get(mlflow_key(objective)), hits))
+                               row.get("steps"), step, metrics.get(mlflow_key(objective)), hits))
     return lines
 
 
@@ -72,12 +81,13 @@ def render(summary: dict, lines: list[TrialLine], objective: str, mode: str, rig
     model and the command that opens MLflow."""
     best = summary.get("best") or {}
     param_keys = sorted({key for line in lines for key in line.params})
-    header = ["trial", "status", *param_keys, "steps", objective, *[f"{rig}@{k}" for rig in rigs for k in ks]]
+    header = ["trial", "status", *param_keys, "steps", "kept", objective, *[f"{rig}@{k}" for rig in rigs for k in ks]]
     body = []
     for line in lines:
         mark = "*" if best and line.trial_id == str(best.get("trial_id")) else " "
         body.append([f"{mark}{line.trial_id}", line.status, *[_value(line.params.get(k, "-")) for k in param_keys],
-                     "-" if line.steps is None else str(line.steps), _pct(line.objective),
+                     "-" if line.steps is None else str(line.steps),
+                     "-" if line.checkpoint_step is None else str(line.checkpoint_step), _pct(line.objective),
                      *[_pct(line.hits[rig][k]) for rig in rigs for k in ks]])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
@@ -89,8 +99,9 @@ def render(summary: dict, lines: list[TrialLine], objective: str, mode: str, rig
     rule = "-" * len(fmt(header))
     out = [f"Sweep {summary['sweep']}: {len(lines)} trials, objective {objective} ({mode})", rule, fmt(header), rule]
     out += [fmt(row) for row in body]
-    out += [rule, f"rig@k: Hit@k in % of validation queries (Pr-VIPE, mean over the rig's camera pairs); "
-                  f"{objective} = mean over rigs"]
+    out += [rule, f"kept: step of the trial's best-{objective} checkpoint, the one it keeps; the metrics are at that step",
+            f"rig@k: Hit@k in % of validation queries (Pr-VIPE, mean over the rig's camera pairs); "
+            f"{objective} = mean over rigs"]
     if best:
         step = f" at step {best['step']}" if best.get("step") is not None else ""
         out.append(f"best trial: {best.get('trial_id')} ({objective} {_pct(best.get('value'))}%{step}, its best "
