@@ -1,12 +1,25 @@
 """Storage by URI (:mod:`vipe_ray.storage`) against a real S3 endpoint: moto's server, started here on
 127.0.0.1. The AWS variables (endpoint, credentials, region) exist only in these tests' environment: set with
 ``monkeypatch`` in-process, passed explicitly to the sweep's subprocesses.
+
+The sweep test runs a tiny sweep with ``--storage s3://...`` and its pose table on S3, interrupts it after
+its first trial, deletes every local trace of Ray (its temp dir and the working directory), and resumes from
+the bucket alone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -103,3 +116,135 @@ def test_pose_table_on_s3_reads_like_the_local_file(s3):
     assert read_metadata(uri)["fps"] == 30
     with pytest.raises(DataError, match=f"s3://{BUCKET}/data/missing.parquet: pose table not found"):
         load_table(f"s3://{BUCKET}/data/missing.parquet")
+
+
+SWEEP = """
+name: s3resume
+base_config: vipe_ray/configs/tiny.yaml
+overrides:
+  data: {table: s3://BUCKET/data/cmu.parquet}
+  model: {width: 32, samples: 3, embedding_dim: 4}
+  optim: {steps: 6, batch_size: 24}
+  eval: {max_queries: 20}
+  checkpoint_every: 3
+  log_every: 3
+  lifter_baseline: false
+search_space:
+  mining.kappa: {type: uniform, low: 0.08, high: 0.15}
+trials: 2
+concurrency: 1
+scheduler: {type: fifo}
+resources: {num_workers: 1, cpus_per_worker: 0.49}
+seed: 0
+time_budget_s: 300
+validation_queries: 20
+""".replace("BUCKET", BUCKET)
+
+
+def _processes_under(ray_tmp: Path, wait_s: float) -> list[str]:
+    """Command lines of live processes of the Ray whose temp dir is ``ray_tmp``, after waiting up to ``wait_s``
+    for them to exit."""
+    deadline = time.time() + wait_s
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(ray_tmp) in cmdline:
+                found.append(cmdline)
+        if not found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _finished(fs: pafs.FileSystem, prefix: str, steps: int) -> set[str]:
+    """Trials whose Tune result.json on S3 has reached ``steps``."""
+    done = set()
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    for info in infos:
+        if info.base_name == "result.json" and "/run_trial_" in info.path and "/train-" not in info.path:
+            with fs.open_input_stream(info.path) as handle:
+                if f'"step": {steps}' in handle.read().decode():
+                    done.add(info.path.split("/")[-2])
+    return done
+
+
+@pytest.mark.timeout(300)
+def test_sweep_on_s3_resumes_from_the_bucket_alone(s3, tmp_path):
+    """`python -m vipe_ray.sweep ... --storage s3://...` with the table on S3: nothing named after the URI is
+    created locally; SIGINT after the first trial, delete Ray's local state, and `--resume` completes the
+    sweep from the bucket, without retraining the finished trial."""
+    env = {**os.environ, **s3, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    storage.copy_tree(TABLE, f"s3://{BUCKET}/data/cmu.parquet")
+    fs = storage.location(f"s3://{BUCKET}").fs
+    sweep = tmp_path / "s3resume.yaml"
+    sweep.write_text(SWEEP)
+    db = tmp_path / "mlflow.db"
+    prefix = f"{BUCKET}/sweeps"
+    cmd = [sys.executable, "-m", "vipe_ray.sweep", str(sweep), "--storage", f"s3://{prefix}",
+           "--tracking-uri", f"sqlite:///{db}"]
+    # Ray's temp dir (sockets, session logs, Tune's driver staging) on a short private path, deleted between runs.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vrs3-", dir="/tmp"))
+    first_cwd, second_cwd = tmp_path / "first", tmp_path / "second"
+    first_cwd.mkdir()
+    second_cwd.mkdir()
+    log_path = tmp_path / "first.log"
+    try:
+        with open(log_path, "w") as log:
+            first = subprocess.Popen(cmd, cwd=first_cwd, env={**env, "RAY_TMPDIR": str(ray_tmp)}, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.time() + 200
+                while not (_finished(fs, prefix, 6) and re.search(r"Trial run_trial_\w+ completed after",
+                                                                   log_path.read_text())):
+                    assert first.poll() is None, log_path.read_text()[-4000:]
+                    assert time.time() < deadline, "no trial finished in time"
+                    time.sleep(0.5)
+                finished_before = _finished(fs, prefix, 6)
+                os.killpg(first.pid, signal.SIGINT)
+                first.wait(timeout=90)
+            finally:
+                if first.poll() is None:
+                    os.killpg(first.pid, signal.SIGKILL)
+                    first.wait()
+        first_log = log_path.read_text()
+        assert first.returncode == 130, first_log[-4000:]
+        assert len(finished_before) == 1, finished_before
+        assert not _processes_under(ray_tmp, wait_s=15), "the interrupted sweep left Ray processes behind"
+        shutil.rmtree(ray_tmp)
+        ray_tmp.mkdir()
+        for cwd in (first_cwd, REPO):
+            assert not [p for p in cwd.iterdir() if p.name.startswith("s3:") or p.name == BUCKET], (
+                f"a local folder named after the URI in {cwd}")
+
+        second = subprocess.run(cmd + ["--resume"], cwd=second_cwd, env={**env, "RAY_TMPDIR": str(ray_tmp)},
+                                capture_output=True, text=True, timeout=200, start_new_session=True)
+        out = second.stdout + second.stderr
+        assert second.returncode == 0, first_log[-3000:] + "\n=====\n" + out[-5000:]
+        assert f"resuming s3://{prefix}/s3resume-" in out
+        assert not [p for p in second_cwd.iterdir() if p.name != "mlartifacts"], list(second_cwd.iterdir())
+        assert not _processes_under(ray_tmp, wait_s=15), "the resumed sweep left Ray processes behind"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert len(_finished(fs, prefix, 6)) == 2
+    run_dir = storage.location(f"s3://{prefix}").subdirs()[0]
+    for trial in finished_before:  # the finished trial was not trained again
+        result = (run_dir / trial / "result.json").read_text()
+        assert result.count('"step": 6') == 1, result
+    summary = json.loads((run_dir / "sweep_summary.json").read_text())
+    assert summary["best"] and all(not t["error"] for t in summary["trials"]) and len(summary["trials"]) == 2
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("vipe-ray-s3resume").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    for child in children:  # the model came from a checkpoint on S3, the data from S3
+        assert child.data.tags["checkpoint"].startswith(f"s3://{prefix}/s3resume-")
+        assert child.data.params["data.table"] == f"s3://{BUCKET}/data/cmu.parquet"

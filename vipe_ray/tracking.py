@@ -39,6 +39,16 @@ def default_tracking_uri(root: str | Path = ".") -> str:
     return f"sqlite:///{(Path(root) / DEFAULT_DB).resolve()}"
 
 
+def is_node_local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a file on one machine (``sqlite:``, ``file:`` or a plain path)
+    rather than a server or a database that other nodes reach."""
+    head = uri.split(":", 1)[0].lower()
+    if head in ("databricks", "databricks-uc", "uc"):  # MLflow's hosted stores, named without "://"
+        return False
+    scheme = head if "://" in uri or head in ("sqlite", "file") else ""
+    return scheme in ("", "sqlite", "file")
+
+
 def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path = ".") -> str:
     """Experiment id of ``name``, created if needed as a model-training experiment (SQLite stores get an
     absolute local artifact root); an existing experiment without a kind is marked as one."""
