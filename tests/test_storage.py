@@ -118,6 +118,19 @@ def test_pose_table_on_s3_reads_like_the_local_file(s3):
         load_table(f"s3://{BUCKET}/data/missing.parquet")
 
 
+def test_mlflow_artifacts_reach_the_bucket_through_the_same_variables(s3, tmp_path):
+    """MLflow's S3 artifact store (what `mlflow server --artifacts-destination s3://...` writes with, see
+    deploy/mlflow.yaml) needs nothing beyond the AWS variables pyarrow reads."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("s3-artifacts", artifact_location=f"s3://{BUCKET}/mlflow")
+    run = client.create_run(experiment).info.run_id
+    client.log_dict(run, {"hit@1": 0.5}, "result.json")
+    stored = storage.location(f"s3://{BUCKET}/mlflow") / run / "artifacts" / "result.json"
+    assert json.loads(stored.read_text()) == {"hit@1": 0.5}
+
+
 SWEEP = """
 name: s3resume
 base_config: vipe_ray/configs/tiny.yaml
