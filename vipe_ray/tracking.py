@@ -1,7 +1,8 @@
 """MLflow tracking: one parent run per sweep, one nested run per trial, models, plots and the registry.
 
 Default store: an embedded SQLite file (``./mlflow.db``) with artifacts under ``./mlartifacts``, no server
-needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead.
+needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead. Such a
+node-local store is refused by a sweep on a Ray cluster of several nodes (see :func:`is_node_local_store`).
 Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` and the URL a
 sweep prints (``.../#/experiments/ID/runs?workflowType=machine_learning``, see :mod:`vipe_ray.report`).
 """
