@@ -184,7 +184,7 @@ def _finished(fs: pafs.FileSystem, prefix: str, steps: int) -> set[str]:
     return done
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_sweep_on_s3_resumes_from_the_bucket_alone(s3, tmp_path):
     """`python -m vipe_ray.sweep ... --storage s3://...` with the table on S3: nothing named after the URI is
     created locally; SIGINT after the first trial, delete Ray's local state, and `--resume` completes the
@@ -213,10 +213,10 @@ def test_sweep_on_s3_resumes_from_the_bucket_alone(s3, tmp_path):
             first = subprocess.Popen(cmd, cwd=first_cwd, env={**env, "RAY_TMPDIR": str(ray_tmp)}, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                deadline = time.time() + 200
+                deadline = time.time() + 400
                 while not (_finished(fs, prefix, 6) and re.search(r"Trial run_trial_\w+ completed after",
                                                                    log_path.read_text())):
-                    assert first.poll() is None, log_path.read_text()[-4000:]
+                    assert first.poll() is None, log_path.read_text()[-12000:]
                     assert time.time() < deadline, "no trial finished in time"
                     time.sleep(0.5)
                 finished_before = _finished(fs, prefix, 6)
@@ -237,7 +237,7 @@ def test_sweep_on_s3_resumes_from_the_bucket_alone(s3, tmp_path):
                 f"a local folder named after the URI in {cwd}")
 
         second = subprocess.run(cmd + ["--resume"], cwd=second_cwd, env={**env, "RAY_TMPDIR": str(ray_tmp)},
-                                capture_output=True, text=True, timeout=200, start_new_session=True)
+                                capture_output=True, text=True, timeout=400, start_new_session=True)
         out = second.stdout + second.stderr
         assert second.returncode == 0, first_log[-3000:] + "\n=====\n" + out[-5000:]
         assert f"resuming s3://{prefix}/s3resume-" in out

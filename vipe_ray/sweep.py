@@ -685,10 +685,7 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, results: Location,
             run_config=tune.RunConfig(name=run_dir.name, verbose=1, **results.ray_storage()),
         )
     grid = tuner.fit()
-    # Tune marks a trial's last result done when it ends or a scheduler stops it. On Ctrl-C it saves its state
-    # first and then terminates the running trials, so "not done" (not the status) tells them apart.
-    unfinished = [r for r in grid if not r.error and not (r.metrics or {}).get("done")]
-    if len(grid) < sweep.trials or unfinished or grid.num_terminated + grid.num_errors < len(grid):
+    if len(grid) < sweep.trials or _unfinished(run_dir) or grid.num_terminated + grid.num_errors < len(grid):
         # Interrupted (e.g. Ctrl-C): Tune saved its state; leave the runs open for --resume.
         client.update_run(parent_id, status="KILLED")
         log(f"[sweep] interrupted with {grid.num_terminated} of {sweep.trials} trials finished; "
@@ -696,6 +693,18 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, results: Location,
         return {"sweep": sweep.name, "run_dir": run_dir.uri, "parent_run_id": parent_id,
                 "tracking_uri": tracking_uri, "trials": [], "best": None, "interrupted": True}
     return summarize(grid, sweep, client, parent_id, experiment_id, tracking_uri, run_dir, results)
+
+
+def _unfinished(run_dir: Location) -> list[str]:
+    """Trials that the saved experiment state (what ``--resume`` continues from) holds as not finished.
+
+    On Ctrl-C Tune saves its state and then marks the running trials TERMINATED in memory, so the result grid
+    cannot tell an interrupted trial from a finished one; the state it saved can.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(run_dir.path, storage_filesystem=run_dir.ray_storage()["storage_filesystem"])
+    return [t.trial_id for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def _parent_description(sweep: SweepConfig, command: str) -> str:
