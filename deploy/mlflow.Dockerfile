@@ -5,14 +5,14 @@
 # mlflow==3.17.2 matches the client pinned in pyproject.toml's platform extra. psycopg2-binary is the
 # PostgreSQL driver for the postgresql+psycopg2:// backend URI. Do not shorten that URI to postgresql://: with
 # SQLAlchemy 2.1 it selects psycopg 3 ("No module named 'psycopg'"); to use psycopg 3 instead, install
-# "psycopg[binary]" here and write postgresql+psycopg://. For an s3:// artifact destination add boto3.
+# "psycopg[binary]" here and write postgresql+psycopg://. boto3 serves the s3:// artifact destination
+# (deploy/mlflow.yaml); it reads the endpoint and credentials from the standard AWS_* variables.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MLFLOW_DISABLE_TELEMETRY=true
 
-RUN pip install --no-cache-dir "mlflow==3.17.2" "psycopg2-binary>=2.9.9,<3" \
-    && useradd --create-home --uid 1000 mlflow \
-    && mkdir /mlartifacts && chown mlflow:mlflow /mlartifacts
+RUN pip install --no-cache-dir "mlflow==3.17.2" "psycopg2-binary>=2.9.9,<3" "boto3>=1.34,<2" \
+    && useradd --create-home --uid 1000 mlflow
 
 USER mlflow
 WORKDIR /home/mlflow

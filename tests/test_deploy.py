@@ -207,7 +207,7 @@ def test_kubernetes_validate_is_installed_with_the_pinned_schemas():
 
 def test_the_expected_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml"} <= names, names
+    assert {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml", "storage.yaml"} <= names, names
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
@@ -236,8 +236,7 @@ def test_builtin_kinds_agree_with_the_kubernetes_validate_api(cluster):
     """Cross-check with the package's own Python API, and pin down why Ray kinds need vendored schemas."""
     _require_kubernetes_validate()
     builtin = [d for p in MANIFESTS for d in load(p) if not d["apiVersion"].startswith("ray.io/")]
-    assert {d["kind"] for d in builtin} >= {"Secret", "Service", "StatefulSet", "PersistentVolumeClaim",
-                                            "Deployment"}
+    assert {d["kind"] for d in builtin} >= {"Secret", "Service", "StatefulSet", "Deployment"}
     for doc in builtin:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any error
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
@@ -374,10 +373,21 @@ def test_ray_object_names_are_dns1035_labels(obj):
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
 
 
+ENTRYPOINT = re.compile(r"python -m vipe_ray\.sweep (sweeps/[\w.-]+\.ya?ml)((?: --[\w-]+ \S+)*)")
+
+
+def sweep_options(job: dict) -> dict[str, str]:
+    """The ``--option value`` pairs after the sweep YAML in a RayJob's entrypoint."""
+    match = ENTRYPOINT.fullmatch(job["spec"]["entrypoint"])
+    assert match, f"entrypoint {job['spec']['entrypoint']!r} is not `python -m vipe_ray.sweep sweeps/<name>.yaml ...`"
+    words = match.group(2).split()
+    return dict(zip(words[::2], words[1::2]))
+
+
 def test_rayjob_runs_the_kappa_sweep(job):
     spec = job["spec"]
-    match = re.fullmatch(r"python -m vipe_ray\.sweep (sweeps/[\w.-]+\.ya?ml)", spec["entrypoint"])
-    assert match, f"entrypoint {spec['entrypoint']!r} is not `python -m vipe_ray.sweep sweeps/<name>.yaml`"
+    match = ENTRYPOINT.fullmatch(spec["entrypoint"])
+    assert match, f"entrypoint {spec['entrypoint']!r} is not `python -m vipe_ray.sweep sweeps/<name>.yaml ...`"
     shipped = {p.relative_to(REPO).as_posix() for p in (REPO / "sweeps").glob("*.y*ml")}
     assert match.group(1) in PLANNED_SWEEPS | shipped, match.group(1)
     assert match.group(1) == "sweeps/kappa.yaml"
@@ -391,7 +401,7 @@ def test_every_rayjob_names_a_sweep_and_a_cluster():
     cluster_names = {d["metadata"]["name"] for d in all_ray_objects() if d["kind"] == "RayCluster"}
     for job in jobs:
         spec = job["spec"]
-        assert re.fullmatch(r"python -m vipe_ray\.sweep sweeps/[\w.-]+\.ya?ml", spec["entrypoint"])
+        assert ENTRYPOINT.fullmatch(spec["entrypoint"]), spec["entrypoint"]
         # KubeRay's ValidateRayJobSpec: one of rayClusterSpec / clusterSelector.
         selector = spec.get("clusterSelector") or {}
         assert ("rayClusterSpec" in spec) != bool(selector), job["metadata"]["name"]
@@ -559,3 +569,141 @@ def test_schema_readme_records_the_transcribed_sources():
         commit = re.search(r"at commit ([0-9a-f]{40})", schema["$comment"]).group(1)
         assert commit in readme, f"{name} was transcribed at {commit}, which deploy/schemas/README.md omits"
     assert "raycluster_types.go" in readme and "rayjob_types.go" in readme
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared object storage, autoscaling limits, trial drivers, the image's commit
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage_secret() -> dict:
+    return only(load(DEPLOY / "storage.yaml"), "Secret")
+
+
+def _jobs_with_clusters() -> list[tuple[dict, dict]]:
+    """(RayJob, the RayClusterSpec it runs on: embedded, or the RayCluster its clusterSelector names)."""
+    clusters = {d["metadata"]["name"]: d["spec"] for d in all_ray_objects() if d["kind"] == "RayCluster"}
+    out = []
+    for job in (d for d in all_ray_objects() if d["kind"] == "RayJob"):
+        spec = job["spec"].get("rayClusterSpec") or clusters[job["spec"]["clusterSelector"]["ray.io/cluster"]]
+        out.append((job, spec))
+    return out
+
+
+def test_storage_secret_holds_the_standard_aws_variables(storage_secret):
+    from vipe_ray.storage import S3_ENV
+
+    assert set(storage_secret["stringData"]) == set(S3_ENV)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert "REPLACE_ME" in storage_secret["stringData"][key], f"the placeholder {key} must stay marked"
+
+
+@pytest.mark.parametrize("label, spec", cluster_specs(), ids=[label for label, _ in cluster_specs()])
+def test_every_ray_pod_loads_the_storage_secret(label, spec, storage_secret):
+    ref = {"secretRef": {"name": storage_secret["metadata"]["name"]}}
+    for container in ray_containers(spec):
+        assert ref in container.get("envFrom", []), f"{label}: {container['name']} lacks {ref}"
+
+
+def test_sweeps_and_mlflow_artifacts_share_the_bucket(mlflow_docs, storage_secret):
+    """Every RayJob's sweep stores results on S3, in the bucket where MLflow keeps its artifacts, and the
+    MLflow server has the credentials and boto3 for it."""
+    from vipe_ray.storage import is_uri
+
+    server = only(mlflow_docs, "Deployment", "mlflow")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    argv = container["command"] + container["args"]
+    artifacts = urlparse(argv[argv.index("--artifacts-destination") + 1])
+    assert artifacts.scheme == "s3" and artifacts.netloc, artifacts
+    assert {"secretRef": {"name": storage_secret["metadata"]["name"]}} in container["envFrom"]
+    assert re.search(r'"boto3[^"]*"', (DEPLOY / "mlflow.Dockerfile").read_text()), "boto3 serves s3:// artifacts"
+    for job, _ in _jobs_with_clusters():
+        results = sweep_options(job).get("--storage", "")
+        assert is_uri(results) and urlparse(results).scheme == "s3", f"{job['metadata']['name']}: --storage {results!r}"
+        assert urlparse(results).netloc == artifacts.netloc, "one bucket for results and MLflow artifacts"
+        assert urlparse(results).path.strip("/") != artifacts.path.strip("/")
+
+
+def _quantity(value) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _ray_resources(group: dict) -> dict[str, float]:
+    """What one pod of a group offers Ray: CPUs/GPUs from its Ray container's limits (or rayStartParams),
+    custom resources from rayStartParams' ``resources`` (KubeRay's quoted JSON)."""
+    params = group["rayStartParams"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    out = {"CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+           "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+    if "resources" in params:
+        out.update(json.loads(json.loads(params["resources"])))
+    return out
+
+
+def test_cluster_max_is_what_the_autoscaler_can_reach():
+    """`--cluster-max` (the sweep plans its concurrency for it) = each worker group's maxReplicas x what one
+    of its pods offers, plus the head."""
+    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE, parse_resources
+
+    for job, spec in _jobs_with_clusters():
+        expected: dict[str, float] = {}
+        head = {"CPU": _quantity(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))}
+        for resources, count in [(head, 1)] + [(_ray_resources(g), g["maxReplicas"])
+                                               for g in spec["workerGroupSpecs"]]:
+            for key, value in resources.items():
+                expected[key] = expected.get(key, 0.0) + count * value
+        given = parse_resources(sweep_options(job).get("--cluster-max"), "--cluster-max")
+        assert given == {k: v for k, v in expected.items() if v}, job["metadata"]["name"]
+        assert given[TRIAL_DRIVER_RESOURCE] > 0
+
+
+@pytest.mark.parametrize("label, spec", cluster_specs(), ids=[label for label, _ in cluster_specs()])
+def test_trial_drivers_are_offered_only_by_the_cpu_group(label, spec):
+    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE
+
+    by_name = groups(spec)
+    assert _ray_resources(by_name["cpu-workers"]).get(TRIAL_DRIVER_RESOURCE, 0) >= 1
+    assert TRIAL_DRIVER_RESOURCE not in _ray_resources(by_name["gpu-workers"])
+    assert "resources" not in spec["headGroupSpec"]["rayStartParams"]
+
+
+def test_the_image_records_its_git_commit():
+    from vipe_ray.tracking import COMMIT_ENV, COMMIT_FILE
+
+    lines = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    arg = lines.index("ARG GIT_COMMIT=unknown")
+    assert arg > max(i for i, line in enumerate(lines) if "pip install" in line), (
+        "declare GIT_COMMIT after the dependency layers, or every commit rebuilds them")
+    assert 'LABEL org.opencontainers.image.revision="${GIT_COMMIT}"' in lines
+    assert f'ENV {COMMIT_ENV}="${{GIT_COMMIT}}"' in lines
+    assert any(f'"${{GIT_COMMIT}}" > {COMMIT_FILE}' in line for line in lines[arg:]), "the commit file beside the code"
+    assert "--build-arg GIT_COMMIT=$(git rev-parse HEAD)" in (DEPLOY / "README.md").read_text()
+
+
+def test_git_commit_falls_back_to_what_the_image_recorded(tmp_path, monkeypatch):
+    """Real git and real directories: a checkout answers with git; the image's /app copy (also when a RayJob
+    uploads it) with its GIT_COMMIT file; the pip-installed package with VIPE_RAY_GIT_COMMIT; a developer's
+    uploaded checkout (a source tree without either) with `unknown`."""
+    import subprocess
+
+    from vipe_ray.tracking import COMMIT_ENV, COMMIT_FILE, git_commit
+
+    monkeypatch.setenv(COMMIT_ENV, "c0ffee")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert git_commit(REPO) == head
+    image_copy = tmp_path / "app"
+    image_copy.mkdir()
+    (image_copy / "pyproject.toml").write_text("")
+    (image_copy / COMMIT_FILE).write_text("abc123\n")
+    assert git_commit(image_copy) == "abc123"
+    site_packages = tmp_path / "site-packages"
+    site_packages.mkdir()
+    assert git_commit(site_packages) == "c0ffee"
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    (upload / "pyproject.toml").write_text("")
+    assert git_commit(upload) == "unknown"
+    monkeypatch.delenv(COMMIT_ENV)
+    assert git_commit(site_packages) == "unknown"

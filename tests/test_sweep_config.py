@@ -160,3 +160,77 @@ def test_asha_runs_on_the_training_step_up_to_the_longest_run(tmp_path):
     assert build_scheduler(searched, base)._max_t == 400, "a run of 400 steps is never cut at a shorter max_t"
     fifo = load_sweep(_write(tmp_path, GOOD + "scheduler: {type: fifo}\n"))
     assert isinstance(build_scheduler(fifo, base), FIFOScheduler)
+
+
+def test_a_cluster_that_can_grow_is_judged_by_its_limits(tmp_path, capsys):
+    """An autoscaling cluster: a sweep that fits only once it grows goes ahead with a warning; one that never
+    fits still fails before any trial, saying what the cluster has now and what it can grow to."""
+    big = load_sweep(_write(tmp_path, GOOD + "concurrency: 4\nresources: {num_workers: 4, cpus_per_worker: 1.0}\n"))
+    assert check_resources(big, {"CPU": 2.0}, {"CPU": 32.0}) == 4
+    assert "trials wait for the autoscaler" in capsys.readouterr().out
+    assert check_resources(big, {"CPU": 2.0}, {"CPU": 12.0}) == 2, "concurrency from what the cluster grows to"
+    with pytest.raises(ConfigError, match=r"cluster has 2.0 CPUs now and can grow to 4.0"):
+        check_resources(big, {"CPU": 2.0}, {"CPU": 4.0})
+    gpu = load_sweep(_write(tmp_path, GOOD + "resources: {num_workers: 2, cpus_per_worker: 1.0, use_gpu: true}\n"))
+    assert check_resources(gpu, {"CPU": 4.0}, {"GPU": 4.0}) == 1
+    with pytest.raises(ConfigError, match=r"resources.use_gpu: 2 GPU worker\(s\) .* 0.0 GPUs now and can grow to 1.0"):
+        check_resources(gpu, {"CPU": 4.0}, {"GPU": 1.0})
+    assert check_resources(big, {"CPU": 2.0}, {"CPU": float("inf")}) == 4, "an unbounded group"
+
+
+def test_cluster_max_from_the_sweep_or_the_command_line(tmp_path):
+    from vipe_ray.sweep import cluster_limits, parse_resources
+
+    sweep = load_sweep(_write(tmp_path, GOOD + "cluster_max: {cpu: 64, GPU: 8, trial_driver: 100}\n"))
+    assert sweep.cluster_max == {"CPU": 64.0, "GPU": 8.0, "trial_driver": 100.0}
+    assert parse_resources("CPU=16, gpu=2", "--cluster-max") == {"CPU": 16.0, "GPU": 2.0}
+    # No Ray here: the autoscaler's limits are unknown, the command line wins over the YAML.
+    assert cluster_limits(sweep, {"GPU": 2.0}) == {"CPU": 64.0, "GPU": 2.0, "trial_driver": 100.0}
+    for bad, expected in (("CPU", "expected RESOURCE=AMOUNT"), ("CPU=lots", "CPU: expected a number"),
+                          ("CPU=-1", "CPU: expected a number >= 0")):
+        with pytest.raises(ConfigError, match=f"--cluster-max.*{expected}"):
+            parse_resources(bad, "--cluster-max")
+    for text, expected in (("cluster_max: 64\n", "cluster_max: expected a mapping"),
+                           ("cluster_max: {GPU: many}\n", "cluster_max.GPU: expected a number >= 0")):
+        with pytest.raises(ConfigError, match=expected) as info:
+            load_sweep(_write(tmp_path, GOOD + text))
+        assert str(tmp_path / "sweep.yaml") in str(info.value)
+
+
+def test_trial_drivers_use_the_trial_driver_resource_where_the_cluster_has_it(tmp_path):
+    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE, trial_resources
+
+    train = load_sweep(_write(tmp_path, GOOD + "resources: {num_workers: 2, cpus_per_worker: 1.0, use_gpu: true}\n"))
+    assert trial_resources(train, {"CPU": 8.0, "GPU": 2.0}) == {"cpu": 0.01}
+    assert trial_resources(train, {"CPU": 8.0, TRIAL_DRIVER_RESOURCE: 100.0}) == {"cpu": 0.01, TRIAL_DRIVER_RESOURCE: 1.0}
+    local = load_sweep(_write(tmp_path, GOOD + "resources: {num_workers: 0, cpus_per_worker: 0.5}\n"))
+    assert trial_resources(local, {"CPU": 2.0}) == {"cpu": 0.5}
+
+
+def test_a_node_local_mlflow_store_is_refused_on_a_multi_node_cluster(tmp_path, capsys):
+    from vipe_ray.storage import location
+    from vipe_ray.sweep import check_cluster_stores
+
+    results = location(tmp_path / "results")
+    from vipe_ray.tracking import is_node_local_store
+
+    assert not any(map(is_node_local_store, ("http://mlflow:5000", "https://x", "databricks", "postgresql://d")))
+    for uri in ("sqlite:////x/mlflow.db", "file:///x/mlruns", "./mlruns", "/abs/mlruns"):
+        assert is_node_local_store(uri)
+        with pytest.raises(ConfigError, match=r"--tracking-uri: .* 3 nodes .*MLFLOW_TRACKING_URI or --tracking-uri"):
+            check_cluster_stores(uri, results, nodes=3, grows=False)
+        with pytest.raises(ConfigError, match="1 node that can grow"):
+            check_cluster_stores(uri, results, nodes=1, grows=True)
+    check_cluster_stores("sqlite:////x/mlflow.db", results, nodes=1, grows=False)
+    out = capsys.readouterr().out
+    assert "warning: MLflow store sqlite:////x/mlflow.db is a file on the driver's node" in out
+    assert "MLFLOW_TRACKING_URI" in out
+    import pyarrow.fs
+
+    from vipe_ray.storage import Location
+
+    bucket = Location(pyarrow.fs.S3FileSystem(region="us-east-1"), "bucket/prefix", "s3")  # no network here
+    check_cluster_stores("http://mlflow:5000", bucket, nodes=3, grows=True)
+    assert capsys.readouterr().out == ""
+    check_cluster_stores("postgresql+psycopg2://u@db/mlflow", results, nodes=2, grows=False)
+    assert "must be a shared mount" in capsys.readouterr().out

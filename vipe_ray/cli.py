@@ -54,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.data import load_table
     from vipe_ray.evaluate import evaluate_rigs, format_markdown, format_table, write_json
+    from vipe_ray.storage import same_location
     from vipe_ray.train import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
@@ -63,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if lifter is None:
         print(f"note: {lifter_path} not found; the 3D-lifting baseline is left out", file=sys.stderr)
     table = load_table(args.data or config.data.table_path())
-    own_table = args.data is None or Path(args.data).resolve() == config.data.table_path().resolve()
+    own_table = args.data is None or same_location(args.data, config.data.table_path())
     # Another table (e.g. newly converted subjects): all of its subjects unless --subjects says otherwise.
     subjects = args.subjects or (list(config.data.test_subjects) if own_table else table.subjects)
     if not subjects:

@@ -20,6 +20,7 @@ from vipe_ray import REPO_ROOT
 from vipe_ray.cameras import RIGS, CameraRanges, RigError, load_rig
 from vipe_ray.keypoints import OCCLUSION_GROUPS
 from vipe_ray.mining import MODES
+from vipe_ray.storage import is_uri
 
 
 class ConfigError(ValueError):
@@ -46,9 +47,12 @@ class DataConfig:
             if shared:
                 raise ConfigError(f"data.{a} and data.{b}: subjects {shared} are in both; splits must be disjoint")
 
-    def table_path(self) -> Path:
-        """The table path; relative paths resolve against the working directory, then the source checkout."""
-        path = Path(self.table).expanduser()
+    def table_path(self) -> Path | str:
+        """The table path; relative paths resolve against the working directory, then the source checkout.
+        An object-store URI (``s3://bucket/x.parquet``, see :mod:`vipe_ray.storage`) is returned as is."""
+        if is_uri(self.table):
+            return self.table
+        path = Path(self.table.removeprefix("file://")).expanduser()
         if path.is_absolute() or path.exists():
             return path
         return REPO_ROOT / path

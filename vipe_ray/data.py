@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vipe_ray import storage
 from vipe_ray.keypoints import H36M17_JOINTS, NUM_JOINTS_3D
 
 SOURCE_FPS = 120
@@ -27,8 +28,10 @@ class DataError(ValueError):
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file or an object-store URI (``s3://...``)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    loc = storage.location(path)
+    with loc.fs.open_input_stream(loc.path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -94,8 +97,18 @@ def table_to_arrays(table: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The table's ``vipe_ray`` schema metadata (joint names, fps, sources)."""
-    schema = pq.read_schema(path)
+    """The table's ``vipe_ray`` schema metadata (joint names, fps, sources); ``path`` may be a URI."""
+    try:
+        loc = storage.location(path)
+        schema = pq.read_schema(loc.path, filesystem=loc.fs)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return _metadata(schema, path)
+
+
+def _metadata(schema: pa.Schema, path: str | Path) -> dict:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise DataError(f"{path}: no '{METADATA_KEY.decode()}' schema metadata; convert it with `vipe-ray convert`")
@@ -103,22 +116,31 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_table(path: str | Path) -> PoseTable:
-    """Read and validate a pose table."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: pose table not found (convert raw motion capture with `vipe-ray convert`)")
+    """Read and validate a pose table: a local path or an object-store URI (``s3://bucket/x.parquet``)."""
+    where = str(path) if storage.is_uri(path) else str(Path(path))
     try:
-        meta = read_metadata(path)
-        table = pq.read_table(path)
+        loc = storage.location(path)
+        found = loc.exists()
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from None
+    if not found:
+        raise DataError(f"{where}: pose table not found (convert raw motion capture with `vipe-ray convert`)")
+    try:
+        # One read serves the checksum and the parse (tables are megabytes; an object store is read once).
+        data = loc.read_bytes()
+        table = pq.read_table(pa.BufferReader(data))
+        meta = _metadata(table.schema, where)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{where}: not a readable Parquet file ({exc})") from None
     if tuple(meta.get("joints", ())) != H36M17_JOINTS:
-        raise DataError(f"{path}: metadata joints {meta.get('joints')} differ from the Human3.6M-17 profile")
+        raise DataError(f"{where}: metadata joints {meta.get('joints')} differ from the Human3.6M-17 profile")
     fps = int(meta.get("fps", 0))
     if fps <= 0 or SOURCE_FPS % fps:
-        raise DataError(f"{path}: metadata fps {meta.get('fps')!r} must divide {SOURCE_FPS}")
-    subject, clip, frame, joints = table_to_arrays(table, str(path))
-    return PoseTable(subject, clip, frame, joints, fps, file_sha256(path), str(path))
+        raise DataError(f"{where}: metadata fps {meta.get('fps')!r} must divide {SOURCE_FPS}")
+    subject, clip, frame, joints = table_to_arrays(table, where)
+    return PoseTable(subject, clip, frame, joints, fps, hashlib.sha256(data).hexdigest(), where)
 
 
 def clip_bounds(clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

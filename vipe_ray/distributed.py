@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata, table_to_arrays
 from vipe_ray.train import CHECKPOINT, FORMAT, build_model, build_optimizer, rng_state, train_step
@@ -73,12 +74,15 @@ def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
 
 
 def pose_dataset(path: str | Path, subjects: tuple[str, ...] | list[str]):
-    """A Ray Dataset of the table's rows for ``subjects`` (columns subject, clip, frame, joints3d)."""
+    """A Ray Dataset of the table's rows for ``subjects`` (columns subject, clip, frame, joints3d); ``path``
+    is a local path or an object-store URI (:mod:`vipe_ray.storage`)."""
     import ray.data
 
+    table = storage.location(path)
     # Fractional CPUs for the read tasks: with trials and workers holding most of a small machine, a task
-    # that needs a whole CPU never schedules and the training waits on its data forever.
-    dataset = ray.data.read_parquet(str(path), num_cpus=DATA_TASK_CPUS).map_batches(
+    # that needs a whole CPU never schedules and the training waits on its data forever. The filesystem
+    # travels with the read tasks, endpoint included (credentials come from each worker's environment).
+    dataset = ray.data.read_parquet(table.path, filesystem=None if table.is_local else table.fs, num_cpus=DATA_TASK_CPUS).map_batches(
         _keep_subjects, fn_kwargs={"subjects": list(subjects)}, batch_format="pyarrow", batch_size=None,
         num_cpus=DATA_TASK_CPUS)
     # Progress bars of a megabyte table only spam the worker logs. The dataset carries its own copy of the
@@ -256,13 +260,15 @@ def data_info(config: TrainConfig) -> dict:
     fps = int(meta["fps"])
     if SOURCE_FPS % fps:
         raise ValueError(f"{path}: fps {fps} must divide {SOURCE_FPS}")
-    return {"path": str(path.resolve()), "fps": fps, "checksum": file_sha256(path)}
+    return {"path": storage.location(path).uri, "fps": fps, "checksum": file_sha256(path)}
 
 
 def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path: str | Path,
                   max_failures: int = 1, callbacks: list | None = None, extra: dict | None = None,
                   score: tuple[str, str] = (BEST_METRIC, "max")):
-    """A ``TorchTrainer`` for one Pr-VIPE run (not started); ``score`` (metric, mode) ranks its checkpoints."""
+    """A ``TorchTrainer`` for one Pr-VIPE run (not started). ``storage_path``: a local folder or an
+    object-store URI (``s3://bucket/prefix``) for the run's results and checkpoints; ``score`` (metric, mode)
+    ranks its checkpoints."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -277,7 +283,7 @@ def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()),
+            name=name, **storage.location(storage_path).ray_storage(),
             failure_config=FailureConfig(max_failures=max_failures),
             # Keep the best-validation checkpoint (what a sweep registers and a study tests) and the latest
             # (what a restart resumes from; Ray never deletes the latest).

@@ -33,11 +33,13 @@ from typing import Any
 
 import yaml
 
-from vipe_ray import REPO_ROOT, log
+from vipe_ray import log
 from vipe_ray.config import ConfigError, TrainConfig, _build
 from vipe_ray.distributed import BEST_METRIC, Scaling
+from vipe_ray.storage import location
 from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _mlflow_metrics,
-                            base_values, check_resources, finalize_trial, trial_config)
+                            _unfinished, base_values, check_resources, finalize_trial, launched, parent_run,
+                            parse_resources, trial_config, trial_resources)
 
 #: Keys whose variants the report plots Hit@1 against (``series`` in the YAML).
 SERIES_KEYS = ("mining.kappa", "mining.hard_negative_ratio", "model.embedding_dim", "loss.a_init", "loss.b_init",
@@ -60,6 +62,8 @@ class StudyConfig:
     series: dict[str, tuple[str, ...]] = field(default_factory=dict)
     concurrency: int = 2
     resources: Scaling = field(default_factory=Scaling)
+    #: What an autoscaling cluster can grow to (as for a sweep).
+    cluster_max: dict[str, float] = field(default_factory=dict)
     max_failures: int = 1
     validation_queries: int = 0
     experiment: str | None = None
@@ -83,7 +87,7 @@ class StudyConfig:
 
 
 _STUDY_KEYS = {"variants", "reference", "seeds", "baselines", "series"}
-_TOP_KEYS = {"name", "base_config", "overrides", "study", "concurrency", "resources", "max_failures",
+_TOP_KEYS = {"name", "base_config", "overrides", "study", "concurrency", "resources", "cluster_max", "max_failures",
              "validation_queries", "experiment", "report_dir"}
 
 
@@ -143,7 +147,7 @@ def load_study(path: str | Path) -> StudyConfig:
         missing = [n for n in names if n not in variants]
         if missing:
             raise ConfigError(f"{where}: study.series.{key}: {missing[0]!r} is not a variant")
-    simple = {k: v for k, v in raw.items() if k not in ("study", "overrides")}
+    simple = {k: v for k, v in raw.items() if k not in ("study", "overrides", "cluster_max")}
     simple.update({k: block[k] for k in ("reference", "baselines") if k in block})
     try:
         study = _build(StudyConfig, simple)
@@ -153,7 +157,8 @@ def load_study(path: str | Path) -> StudyConfig:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: overrides: expected a mapping, got {overrides!r}")
     study = replace(study, variants=dict(variants), seeds=tuple(seeds), overrides=overrides, path=where,
-                    series={k: tuple(v) for k, v in series.items()})
+                    series={k: tuple(v) for k, v in series.items()},
+                    cluster_max=parse_resources(raw.get("cluster_max"), f"{where}: cluster_max"))
     if study.reference not in study.variants:
         raise ConfigError(f"{where}: study.reference: {study.reference!r} is not one of the variants "
                           f"{sorted(study.variants)}")
@@ -239,7 +244,7 @@ def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: s
     from vipe_ray import study_report
     from vipe_ray.tracking import default_tracking_uri
 
-    run_dir = _latest_run_dir(Path(storage).expanduser().resolve(), study.name)
+    run_dir = _latest_run_dir(location(storage), study.name)
     if run_dir is None or not (run_dir / PARENT_RUN_FILE).exists():
         raise ConfigError(f"--report: no run of study {study.name!r} under {storage}")
     parent_id = (run_dir / PARENT_RUN_FILE).read_text().strip()
@@ -255,75 +260,48 @@ def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: s
 
 
 def run_study(study: StudyConfig, resume: bool = False, address: str | None = None, tracking_uri: str | None = None,
-              storage: str | Path = "ray_results", command: str | None = None) -> dict:
-    """Run (or resume) a study end to end; returns the report's summary (see :mod:`vipe_ray.study_report`)."""
+              storage: str | Path = "ray_results", command: str | None = None,
+              cluster_max: dict[str, float] | None = None) -> dict:
+    """Run (or resume) a study end to end; returns the report's summary (see :mod:`vipe_ray.study_report`).
+    ``storage``: a folder or an object-store URI, as for a sweep."""
     import mlflow
     import ray
     from ray import tune
 
     from vipe_ray import study_report
-    from vipe_ray.console import filter_driver_records, filter_worker_logs
-    from vipe_ray.distributed import data_info
-    from vipe_ray.tracking import DESCRIPTION_TAG, default_tracking_uri, ensure_experiment, git_commit, source_tags
+    from vipe_ray.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    base = base_values(study)
-    storage = Path(storage).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    if resume:
-        run_dir = _latest_run_dir(storage, study.name)
-        if run_dir is None or not tune.Tuner.can_restore(str(run_dir)):
-            raise ConfigError(f"--resume: no restorable study named {study.name!r} under {storage}")
-    else:
-        run_dir = storage / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracking_uri = tracking_uri or default_tracking_uri()
-    command = command or f"python -m vipe_ray.sweep {study.path}"
-    filter_driver_records()
-    started_ray = not ray.is_initialized()
-    if started_ray and (address or os.environ.get("RAY_ADDRESS")):
-        ray.init(address=address)
-    elif started_ray:
-        ray.init(include_dashboard=False)
-    filter_worker_logs()
-    try:
-        concurrency = check_resources(study, ray.cluster_resources())
-        mlflow.set_tracking_uri(tracking_uri)
-        client = mlflow.MlflowClient(tracking_uri)
-        experiment_id = ensure_experiment(client, study.experiment_name, tracking_uri)
-        parent_file = run_dir / PARENT_RUN_FILE
-        if resume and parent_file.exists():
-            parent_id = parent_file.read_text().strip()
-            client.update_run(parent_id, status="RUNNING")
-            log(f"[study] resuming {run_dir} (MLflow parent run {parent_id})")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            commit = git_commit()
-            config = variant_config(study, base, study.reference, study.seeds[0])
-            trials = study.trials()
-            parent = client.create_run(experiment_id, run_name=run_dir.name, tags={
-                "study": study.name, "sweep_file": study.path, "git_commit": commit,
-                "data_checksum": data_info(config)["checksum"], **source_tags(study.path, command, commit),
-                DESCRIPTION_TAG: (f"Study `{study.name}`: {len(study.variants)} variants x {len(study.seeds)} seeds "
-                                  f"= {len(trials)} trials, each tested on subjects "
-                                  f"{list(config.data.test_subjects)}; report under `report/`. "
-                                  f"Started with `{command}`.")})
-            parent_id = parent.info.run_id
-            parent_file.write_text(parent_id)
+    with launched(study, resume, address, tracking_uri, storage, command, cluster_max) as run:
+        cluster = ray.cluster_resources()
+        concurrency = check_resources(study, cluster, run.limits)
+        capacity = {**cluster, **{k: max(v, cluster.get(k, 0.0)) for k, v in run.limits.items()}}
+        mlflow.set_tracking_uri(run.tracking_uri)
+        client = mlflow.MlflowClient(run.tracking_uri)
+        experiment_id = ensure_experiment(client, study.experiment_name, run.tracking_uri)
+        commit, trials = git_commit(), study.trials()
+        test_subjects = list(variant_config(study, run.base, study.reference, study.seeds[0]).data.test_subjects)
+        parent_id, created = parent_run(client, experiment_id, run, resume, {
+            "study": study.name, "sweep_file": study.path, "git_commit": commit, "data_checksum": run.checksum,
+            **source_tags(study.path, run.command, commit),
+            DESCRIPTION_TAG: (f"Study `{study.name}`: {len(study.variants)} variants x {len(study.seeds)} seeds = "
+                              f"{len(trials)} trials, each tested on subjects {test_subjects}; report under "
+                              f"`report/`. Started with `{run.command}`.")}, "study")
+        if created:
             if Path(study.path).is_file():
                 client.log_artifact(parent_id, study.path, artifact_path="study")
             client.log_dict(parent_id, {"variants": study.variants, "seeds": list(study.seeds),
                                         "reference": study.reference}, "study.json")
             log(f"[study] {study.name}: {len(study.variants)} variants x {len(study.seeds)} seeds = {len(trials)} "
-                f"trials, concurrency {concurrency}; Ray results {run_dir}; MLflow {tracking_uri} experiment "
-                f"{study.experiment_name!r} run {parent_id}")
-        settings = {"study": study, "base": base, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-                    "parent_run_id": parent_id, "storage": str(run_dir / "train")}
-        trial_cpus = study.resources.cpus_per_worker if study.resources.num_workers == 0 else 0.01
-        trainable = tune.with_resources(tune.with_parameters(run_study_trial, settings=settings), {"cpu": trial_cpus})
+                f"trials, concurrency {concurrency}; Ray results {run.run_dir}; MLflow {run.tracking_uri} "
+                f"experiment {study.experiment_name!r} run {parent_id}")
+        settings = {"study": study, "base": run.base, "tracking_uri": run.tracking_uri,
+                    "experiment_id": experiment_id, "parent_run_id": parent_id, "storage": (run.run_dir / "train").uri}
+        trainable = tune.with_resources(tune.with_parameters(run_study_trial, settings=settings),
+                                        trial_resources(study, capacity))
+        storage_args = run.results.ray_storage()
         if resume:
-            tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            tuner = tune.Tuner.restore(run.run_dir.path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage_args["storage_filesystem"])
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -332,27 +310,25 @@ def run_study(study: StudyConfig, resume: bool = False, address: str | None = No
                 param_space={"variant": tune.grid_search(list(study.variants)),
                              "seed": tune.grid_search(list(study.seeds))},
                 tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1),
+                run_config=tune.RunConfig(name=run.run_dir.name, verbose=1, **storage_args),
             )
         grid = tuner.fit()
-        total = len(study.trials())
-        if grid.num_terminated + grid.num_errors < total:
+        total = len(trials)
+        if grid.num_terminated + grid.num_errors < total or _unfinished(run.run_dir):
             client.update_run(parent_id, status="KILLED")
             resume_with = f"python -m vipe_ray.sweep {study.path} --resume"
             log(f"[study] interrupted with {grid.num_terminated} of {total} trials finished; continue with: "
                 f"{resume_with}")
-            summary = {"study": study.name, "interrupted": True, "run_dir": str(run_dir), "parent_run_id": parent_id}
-            if grid.num_terminated:  # what is done is worth reading: a report marked partial
-                summary.update(study_report.write(study, client, experiment_id, parent_id, tracking_uri,
-                                                  command=command, partial=f"{grid.num_terminated} of {total} "
-                                                  f"trials finished when the study was interrupted; `{resume_with}` "
-                                                  f"runs the rest and rewrites this report"))
+            summary = {"study": study.name, "interrupted": True, "run_dir": run.run_dir.uri, "parent_run_id": parent_id}
+            if study_report.collect(client, experiment_id, parent_id):  # what is done is worth reading
+                summary.update(study_report.write(study, client, experiment_id, parent_id, run.tracking_uri,
+                                                  command=run.command, partial=(
+                                                      f"the study was interrupted; `{resume_with}` runs the rest "
+                                                      f"and rewrites this report")))
+                summary["interrupted"] = True
                 log(f"[study] partial report: {summary['report']}")
             return summary
-        summary = study_report.write(study, client, experiment_id, parent_id, tracking_uri, command=command)
+        summary = study_report.write(study, client, experiment_id, parent_id, run.tracking_uri, command=run.command)
         client.set_terminated(parent_id, "FINISHED" if not grid.num_errors else "FAILED")
-        (run_dir / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (run.run_dir / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
-    finally:
-        if started_ray:
-            ray.shutdown()

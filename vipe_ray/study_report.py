@@ -199,7 +199,7 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
               f"- data: `{provenance['data']}` (sha256 `{provenance['checksum']}`)",
               f"- versions: {provenance['versions']}", f"- written: {provenance['written']}",
               f"- MLflow: experiment `{provenance['experiment']}`, parent run `{provenance['parent_run_id']}`",
-              f"- per-variant configs: `configs.yaml` beside this report (each run adds its seed)", "",
+              "- per-variant configs: `configs.yaml` beside this report (each run adds its seed)", "",
               "| variant | seed | MLflow run | checkpoint step |", "|---|---|---|---|"]
     for r in records:
         lines.append(f"| `{r.variant}` | {r.seed} | `{r.run_id}` | {r.step if r.step is not None else '-'} |")

@@ -1,6 +1,7 @@
 """Hyperparameter and ablation sweeps: Ray Tune + Optuna (+ ASHA) over Ray Train runs, tracked in MLflow.
 
-    python -m vipe_ray.sweep SWEEP.yaml [--resume] [--address ADDR] [--tracking-uri URI] [--storage DIR]
+    python -m vipe_ray.sweep SWEEP.yaml [--resume] [--address ADDR] [--tracking-uri URI] [--storage DIR|URI]
+                                        [--cluster-max CPU=N,GPU=N]
 
 (A YAML with a ``study:`` block is an ablation study: a grid of variants x seeds, see :mod:`vipe_ray.study`.)
 
@@ -13,11 +14,16 @@ On one machine it starts a local Ray and an embedded MLflow store (``./mlflow.db
 ``ray job submit`` it joins the job's cluster. Each sweep gets an MLflow parent run, each trial a nested
 run with params, per-report metrics, the model and plots; the best trial's model is registered. The command
 ends with a summary table read back from MLflow (:mod:`vipe_ray.report`) and the URL that opens the runs.
+
+Results, checkpoints and the resume state go to ``--storage``: a local folder or an object-store URI
+(``s3://bucket/prefix``, ``gs://...``; see :mod:`vipe_ray.storage`), which a cluster needs so that every node
+and a later ``--resume`` see the same state.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,6 +38,7 @@ import yaml
 
 from vipe_ray import REPO_ROOT, log
 from vipe_ray.distributed import Scaling
+from vipe_ray.storage import Location, StorageError, location
 from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, _build, config_from_dict, config_to_dict,
                              flatten, merge)
 
@@ -111,6 +118,9 @@ class SweepConfig:
     #: Trials TPE samples at random before it models the objective (0: half the trials, at most 10 --
     #: Optuna's own default of 10 turns a sweep of 8 to 12 trials into random search).
     startup_trials: int = 0
+    #: What the cluster can grow to ({Ray resource: amount}, e.g. {CPU: 64, GPU: 8}): an autoscaling cluster
+    #: is judged by these rather than by the resources it has now (see :func:`cluster_limits`).
+    cluster_max: dict[str, float] = field(default_factory=dict)
     path: str = "<dict>"
 
     @property
@@ -124,7 +134,7 @@ class SweepConfig:
 
 _TOP_KEYS = {"name", "base_config", "overrides", "search_space", "objective", "trials", "concurrency", "scheduler",
              "resources", "seed", "time_budget_s", "max_failures", "experiment", "register_model",
-             "validation_queries", "points_to_evaluate", "startup_trials"}
+             "validation_queries", "points_to_evaluate", "startup_trials", "cluster_max"}
 
 
 def _parse_param(key: str, spec: Any, where: str) -> Param:
@@ -240,13 +250,16 @@ def load_sweep(path: str | Path) -> SweepConfig:
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: overrides: expected a mapping, got {overrides!r}")
-    simple = {k: v for k, v in raw.items() if k not in ("search_space", "overrides", "points_to_evaluate")}
+    simple = {k: v for k, v in raw.items()
+              if k not in ("search_space", "overrides", "points_to_evaluate", "cluster_max")}
     try:
         sweep = _build(SweepConfig, simple)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     points = _parse_points(raw.get("points_to_evaluate"), space, where)
-    sweep = replace(sweep, search_space=space, overrides=overrides, points_to_evaluate=points, path=where)
+    cluster_max = parse_resources(raw.get("cluster_max"), f"{where}: cluster_max")
+    sweep = replace(sweep, search_space=space, overrides=overrides, points_to_evaluate=points,
+                    cluster_max=cluster_max, path=where)
     for key in ("trials", "concurrency"):
         if getattr(sweep, key) < 1:
             raise ConfigError(f"{where}: {key}: {getattr(sweep, key)} must be >= 1")
@@ -307,25 +320,133 @@ def build_scheduler(sweep: SweepConfig, base: TrainConfig):
 DATA_LISTING_CPUS = 1.0
 
 
-def check_resources(sweep: SweepConfig, cluster: dict[str, float]) -> int:
-    """Fail before any trial if one trial can never run on this cluster; return the usable concurrency."""
+#: Custom Ray resource that marks the nodes where trial drivers (the Tune function that starts a trial's
+#: Ray Train run, 0.01 CPU) may run. Where the cluster offers it (deploy/raycluster.yaml puts it on the CPU
+#: worker group only), every trial asks for one unit, so trial drivers never hold a GPU node or keep the
+#: autoscaler from removing one; elsewhere (a local Ray, a cluster without it) they ask for CPU only.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+
+
+def parse_resources(raw: Any, where: str) -> dict[str, float]:
+    """``{CPU: 64, GPU: 8, ...}`` (a mapping, or ``CPU=64,GPU=8`` from the command line) as Ray resources;
+    ``cpu``/``gpu`` are accepted for ``CPU``/``GPU``."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        pairs = [item.partition("=") for item in raw.split(",") if item.strip()]
+        if not pairs or any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ConfigError(f"{where}: expected RESOURCE=AMOUNT[,RESOURCE=AMOUNT...] (e.g. CPU=64,GPU=8), "
+                              f"got {raw!r}")
+        raw = {}
+        for name, _, value in pairs:
+            try:
+                raw[name.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {name.strip()}: expected a number, got {value!r}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of Ray resources to amounts (e.g. {{CPU: 64, GPU: 8}}), "
+                          f"got {raw!r}")
+    out: dict[str, float] = {}
+    for name, amount in raw.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+            raise ConfigError(f"{where}.{name}: expected a number >= 0, got {amount!r}")
+        key = str(name).upper() if str(name).lower() in ("cpu", "gpu") else str(name)
+        out[key] = float(amount)
+    return out
+
+
+def autoscaler_limits() -> dict[str, float]:
+    """The most of each resource the cluster's autoscaler may provide, or {} when unknown.
+
+    Read from the cluster config that Ray's autoscaler v2 publishes in the GCS (what Ray Train and Ray Data
+    consult for the same question; a private API in ray 2.60, hence the broad guard). A local Ray, or a
+    cluster with the v1 autoscaler (KubeRay's default), publishes none: pass ``cluster_max`` /
+    ``--cluster-max`` there. An unbounded group counts as infinite.
+    """
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a missing or changed private API means "unknown", never a failure
+        return {}
+    return {k: (math.inf if v >= sys.maxsize else float(v)) for k, v in limits.items()}
+
+
+def cluster_limits(sweep: SweepConfig, cli: dict[str, float] | None = None) -> dict[str, float]:
+    """What the cluster can grow to: the autoscaler's limits, overridden per resource by the sweep's
+    ``cluster_max``, overridden by ``--cluster-max``."""
+    return {**autoscaler_limits(), **sweep.cluster_max, **(cli or {})}
+
+
+def check_resources(sweep: SweepConfig, cluster: dict[str, float], limits: dict[str, float] | None = None) -> int:
+    """Fail before any trial if one trial can never run on this cluster; return the usable concurrency.
+
+    ``cluster``: the resources now (``ray.cluster_resources()``); ``limits``: what the cluster can grow to
+    (:func:`cluster_limits`; a resource it omits counts as it is now). A sweep that fits only once the
+    cluster grows goes ahead with a warning: Ray queues its trials and the autoscaler adds nodes.
+    """
+    limits = limits or {}
+    capacity = {k: max(cluster.get(k, 0.0), limits.get(k, 0.0)) for k in {*cluster, *limits}}
+
+    def has(key: str) -> str:
+        now, most = cluster.get(key, 0.0), capacity.get(key, 0.0)
+        return f"{now} {key}s" if most <= now else f"{now} {key}s now and can grow to {most}"
+
     r = sweep.resources
-    cpus = cluster.get("CPU", 0.0)
+    cpus = capacity.get("CPU", 0.0)
     need = r.cpus_per_trial + 0.01
     if need + DATA_LISTING_CPUS > cpus + 1e-9:
         raise ConfigError(f"{sweep.path}: resources: a trial needs {max(r.num_workers, 1)} worker(s) x "
                           f"{r.cpus_per_worker} CPU = {r.cpus_per_trial} CPUs (+0.01 for the trial, +1 free for "
-                          f"Ray Data's file listing), but the cluster has {cpus} CPUs; lower num_workers or "
-                          f"cpus_per_worker")
-    if r.use_gpu and cluster.get("GPU", 0.0) < r.num_workers:
+                          f"Ray Data's file listing), but the cluster has {has('CPU')}; lower num_workers or "
+                          f"cpus_per_worker, or give the cluster's size with cluster_max / --cluster-max")
+    if r.use_gpu and capacity.get("GPU", 0.0) < r.num_workers:
         raise ConfigError(f"{sweep.path}: resources.use_gpu: {r.num_workers} GPU worker(s) per trial but the "
-                          f"cluster has {cluster.get('GPU', 0.0)} GPUs")
+                          f"cluster has {has('GPU')}; give the cluster's size with cluster_max / --cluster-max")
+    now_cpus, now_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if need + DATA_LISTING_CPUS > now_cpus + 1e-9 or (r.use_gpu and now_gpus < r.num_workers):
+        log(f"[sweep] warning: a trial does not fit the cluster as it is now ({now_cpus} CPUs, {now_gpus} GPUs); "
+            f"it can grow to {cpus} CPUs, {capacity.get('GPU', 0.0)} GPUs: trials wait for the autoscaler")
+    if math.isinf(cpus):
+        return sweep.concurrency
     fits = max(1, int((cpus - DATA_LISTING_CPUS + 1e-9) // need))
     if sweep.concurrency > fits:
         log(f"[sweep] note: concurrency {sweep.concurrency} x {need:.2f} CPUs per trial (+1 for data loading) "
             f"exceeds the cluster's {cpus} CPUs; running {fits} trial(s) at a time")
         return fits
     return sweep.concurrency
+
+
+def trial_resources(sweep: SweepConfig, capacity: dict[str, float]) -> dict[str, float]:
+    """What a trial's driver asks Tune for: its CPUs (the training itself in local mode, else 0.01 beside
+    its Ray Train workers) and, where the cluster offers it, one :data:`TRIAL_DRIVER_RESOURCE`."""
+    r = sweep.resources
+    resources = {"cpu": r.cpus_per_worker if r.num_workers == 0 else 0.01}
+    if capacity.get(TRIAL_DRIVER_RESOURCE, 0.0) >= 1:
+        resources[TRIAL_DRIVER_RESOURCE] = 1.0
+    return resources
+
+
+def check_cluster_stores(tracking_uri: str, results: Location, nodes: int, grows: bool) -> None:
+    """On a cluster the sweep joined: refuse an MLflow store that is a file on one node when trials can run on
+    other nodes (each would log into its own copy), warn when the cluster is a single node; warn when the
+    results folder is a local path on a multi-node cluster (it must then be a shared mount)."""
+    from vipe_ray.tracking import is_node_local_store
+
+    if is_node_local_store(tracking_uri):
+        where = (f"MLflow store {tracking_uri} is a file on the driver's node (under `ray job submit "
+                 f"--working-dir`, the default ./mlflow.db is inside Ray's unpacked copy of the upload, which "
+                 f"Ray deletes)")
+        fix = ("set MLFLOW_TRACKING_URI or --tracking-uri to an MLflow server (http://...) or a database "
+               "every node reaches (postgresql+psycopg2://...)")
+        if nodes > 1 or grows:
+            size = f"{nodes} nodes" if nodes > 1 else "1 node that can grow"
+            raise ConfigError(f"--tracking-uri: {where}, but this Ray cluster has {size} and trials on the other "
+                              f"nodes cannot log to it; {fix}")
+        log(f"[sweep] warning: {where}; {fix} to keep the runs")
+    if results.is_local and nodes > 1:
+        log(f"[sweep] warning: --storage {results} is a local folder on a {nodes}-node cluster: it must be a "
+            f"shared mount at the same path on every node; an object store (s3://BUCKET/PREFIX) needs none")
 
 
 class MlflowReporter:
@@ -392,8 +513,9 @@ def run_trial(params: dict, settings: dict) -> None:
         score=(sweep.objective.metric, sweep.objective.mode))
 
 
-def _latest_run_dir(storage: Path, name: str) -> Path | None:
-    runs = sorted(p for p in storage.glob(f"{name}-*") if p.is_dir())
+def _latest_run_dir(results: Location, name: str) -> Location | None:
+    """The newest ``NAME-YYYYmmdd-HHMMSS`` run folder under the results location (local or object store)."""
+    runs = [d for d in results.subdirs() if d.name.startswith(f"{name}-")]
     return runs[-1] if runs else None
 
 
@@ -405,8 +527,9 @@ class TrialFinisher:
     Holds only strings and the sweep (it is pickled with Tune's state and restored on ``--resume``).
     """
 
-    def __init__(self, sweep: SweepConfig, base: dict, tracking_uri: str, experiment_id: str, parent_id: str):
-        self.sweep, self.base, self.tracking_uri = sweep, base, tracking_uri
+    def __init__(self, sweep: SweepConfig, base: dict, tracking_uri: str, experiment_id: str, parent_id: str,
+                 results: Location | None = None):
+        self.sweep, self.base, self.tracking_uri, self.results = sweep, base, tracking_uri, results
         self.experiment_id, self.parent_id = experiment_id, parent_id
         self.checkpoints: dict[str, dict[str, tuple[float, int]]] = {}  # trial id -> {path: (objective, step)}
         self.last_step: dict[str, int] = {}
@@ -429,7 +552,7 @@ class TrialFinisher:
         ranked = sorted(self.checkpoints.get(trial_id, {}).items(), key=lambda kv: (sign * kv[1][0], kv[1][1]),
                         reverse=True)
         for path, (value, _) in ranked:
-            if "://" in path or Path(path).exists():
+            if reported_checkpoint(self.results or location("."), path).exists():
                 return value, path
         return None
 
@@ -456,7 +579,7 @@ class TrialFinisher:
                 client.set_tag(run_id, "stopped_early", "asha or time budget")
             best = self.best(trial_id)
             info.update(finalize_trial(client, run_id, best[1] if best else None, "FAILED" if error else "FINISHED",
-                                       self.sweep.validation_queries))
+                                       self.sweep.validation_queries, self.results))
         self.finished[trial_id] = info
         return info
 
@@ -479,8 +602,18 @@ class TrialFinisher:
         return _Callback()
 
 
-def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str, validation_queries: int = 0) -> dict:
-    """Log a trial's model, Hit@k plot and retrieval figure from its best checkpoint; close its run."""
+def reported_checkpoint(results: Location, path: str) -> Location:
+    """Where a checkpoint path reported by Ray Train lives: on the results' filesystem, except an absolute
+    local path (Train's local mode, ``num_workers: 0``, keeps checkpoints in local temporary folders)."""
+    return location(path) if path.startswith("/") else results.at(path)
+
+
+def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str, validation_queries: int = 0,
+                   results: Location | None = None) -> dict:
+    """Log a trial's model, Hit@k plot and retrieval figure from its best checkpoint; close its run.
+    ``checkpoint_path`` is as Ray reported it, on the filesystem of ``results`` (default: local)."""
+    import tempfile
+
     import mlflow
     import torch
 
@@ -491,7 +624,12 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
 
     summary: dict = {}
     if checkpoint_path:
-        ckpt = load_checkpoint(checkpoint_path)
+        checkpoint = reported_checkpoint(results or location("."), checkpoint_path)
+        if checkpoint.is_local:
+            ckpt = load_checkpoint(checkpoint.path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vipe-ray-ckpt-") as directory:
+                ckpt = load_checkpoint(checkpoint.download(directory))
         config = ckpt.config
         table = load_table(config.data.table_path()).select(config.data.val_subjects)
         # The validation protocol the trial was selected on: validation rigs, clean keypoints.
@@ -510,9 +648,9 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
             pixels = pixels[:, None].expand(-1, config.temporal.window, -1, -1).contiguous()
         with mlflow.start_run(run_id=run_id, nested=True):
             info = log_model(mlflow, ckpt.model, config, pixels)
-        summary = {"model_uri": info.model_uri, "step": ckpt.step, "checkpoint": checkpoint_path}
+        summary = {"model_uri": info.model_uri, "step": ckpt.step, "checkpoint": checkpoint.uri}
         client.set_tag(run_id, "model_uri", info.model_uri)
-        client.set_tag(run_id, "checkpoint", checkpoint_path)
+        client.set_tag(run_id, "checkpoint", checkpoint.uri)
         client.set_tag(run_id, "checkpoint_step", str(ckpt.step))
     client.set_terminated(run_id, status)
     return summary
@@ -520,77 +658,125 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, address: str | None = None,
               tracking_uri: str | None = None, storage: str | Path = "ray_results",
-              command: str | None = None) -> dict:
+              command: str | None = None, cluster_max: dict[str, float] | None = None) -> dict:
     """Run (or resume) a sweep end to end; returns a summary with the best trial.
 
-    ``command`` is recorded as the parent run's source (default: the sweep's ``python -m`` command). A Ray
-    started here is shut down before returning, so no worker output follows the caller's summary.
+    ``storage``: where Ray Tune/Train keep results, checkpoints and the resume state, a local folder or an
+    object-store URI (``s3://bucket/prefix``). ``cluster_max``: what the cluster can grow to (``--cluster-max``,
+    over the sweep's ``cluster_max``). ``command`` is recorded as the parent run's source (default: the sweep's
+    ``python -m`` command). A Ray started here is shut down before returning, so no worker output follows the
+    caller's summary.
     """
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" on every sweep
+    with launched(sweep, resume, address, tracking_uri, storage, command, cluster_max) as run:
+        return _run(sweep, resume, run)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a sweep or a study runs with, once its storage is checked and Ray is up."""
+
+    results: Location
+    run_dir: Location
+    base: dict
+    checksum: str
+    tracking_uri: str
+    command: str
+    limits: dict[str, float]
+
+
+@contextlib.contextmanager
+def launched(sweep, resume: bool, address: str | None, tracking_uri: str | None, storage: str | Path,
+             command: str | None, cluster_max: dict[str, float] | None = None):
+    """Check storage and data, pick the run folder (the latest one on ``resume``), start or join Ray and check
+    the cluster's stores; yields a :class:`Launch`. ``sweep`` is a sweep or a study (name, path, resources,
+    cluster_max). A Ray started here is shut down on exit, so no worker output follows the caller's summary."""
     import ray
     from ray import tune
 
     from vipe_ray.console import filter_driver_records, filter_worker_logs
+    from vipe_ray.data import DataError
+    from vipe_ray.distributed import data_info
     from vipe_ray.tracking import default_tracking_uri
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     base = base_values(sweep)
-    storage = Path(storage).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    if resume:
-        run_dir = _latest_run_dir(storage, sweep.name)
-        if run_dir is None or not tune.Tuner.can_restore(str(run_dir)):
-            raise ConfigError(f"--resume: no restorable sweep named {sweep.name!r} under {storage}")
-    else:
-        run_dir = storage / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        results = location(storage)
+        results.check_access()
+        results.mkdir()
+        if resume:
+            run_dir = _latest_run_dir(results, sweep.name)
+            if run_dir is None or not tune.Tuner.can_restore(run_dir.path, storage_filesystem=results.fs):
+                raise ConfigError(f"--resume: nothing restorable named {sweep.name!r} under {results}")
+        else:
+            run_dir = results / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    except StorageError as exc:
+        raise ConfigError(f"--storage: {exc}") from None
+    try:  # the table (local or object store) is readable before Ray starts
+        checksum = data_info(trial_config(base, {}))["checksum"]
+    except DataError as exc:
+        raise ConfigError(f"{sweep.path}: data.table: {exc}") from None
     tracking_uri = tracking_uri or default_tracking_uri()
     command = command or f"python -m vipe_ray.sweep {sweep.path}"
     filter_driver_records()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" on every sweep
     started_ray = not ray.is_initialized()
-    if started_ray and (address or os.environ.get("RAY_ADDRESS")):
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
+    if started_ray and joined:
         ray.init(address=address)
     elif started_ray:
         ray.init(include_dashboard=False)  # Ray's own detection honours a container's CPU limit
     filter_worker_logs()
     try:
-        return _run(sweep, resume, tracking_uri, storage, run_dir, base, command)
+        limits = cluster_limits(sweep, cluster_max)
+        if joined:
+            now = ray.cluster_resources()
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            check_cluster_stores(tracking_uri, results, nodes, any(v > now.get(k, 0.0) for k, v in limits.items()))
+        yield Launch(results, run_dir, base, checksum, tracking_uri, command, limits)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run_dir: Path, base: dict,
-         command: str) -> dict:
+def parent_run(client, experiment_id: str, run: Launch, resume: bool, tags: dict[str, str], what: str) -> tuple[str, bool]:
+    """The MLflow parent run of ``run``: found again on ``resume`` (its id is kept in the run folder), created
+    otherwise with ``tags``; returns (run id, created)."""
+    parent_file = run.run_dir / PARENT_RUN_FILE
+    if resume and parent_file.exists():
+        parent_id = parent_file.read_text().strip()
+        client.update_run(parent_id, status="RUNNING")
+        log(f"[{what}] resuming {run.run_dir} (MLflow parent run {parent_id})")
+        return parent_id, False
+    run.run_dir.mkdir()
+    parent_id = client.create_run(experiment_id, run_name=run.run_dir.name, tags=tags).info.run_id
+    parent_file.write_text(parent_id)
+    return parent_id, True
+
+
+def _run(sweep: SweepConfig, resume: bool, launch: Launch) -> dict:
     import mlflow
     import ray
     from ray import tune
 
     from vipe_ray.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
 
-    concurrency = check_resources(sweep, ray.cluster_resources())
+    results, run_dir, base, tracking_uri = launch.results, launch.run_dir, launch.base, launch.tracking_uri
+    cluster = ray.cluster_resources()
+    concurrency = check_resources(sweep, cluster, launch.limits)
+    capacity = {**cluster, **{k: max(v, cluster.get(k, 0.0)) for k, v in launch.limits.items()}}
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, sweep.experiment_name, tracking_uri)
-    parent_file = run_dir / PARENT_RUN_FILE
-    if resume and parent_file.exists():
-        parent_id = parent_file.read_text().strip()
-        client.update_run(parent_id, status="RUNNING")
-        log(f"[sweep] resuming {run_dir} (MLflow parent run {parent_id})")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = trial_config(base, {})
-        from vipe_ray.distributed import data_info
-
-        commit = git_commit()
-        parent = client.create_run(experiment_id, run_name=run_dir.name, tags={
-            "sweep": sweep.name, "sweep_file": sweep.path, "git_commit": commit,
-            "data_checksum": data_info(config)["checksum"], **source_tags(sweep.path, command, commit),
-            DESCRIPTION_TAG: _parent_description(sweep, command)})
-        parent_id = parent.info.run_id
-        parent_file.write_text(parent_id)
+    commit, command = git_commit(), launch.command
+    parent_id, created = parent_run(client, experiment_id, launch, resume, {
+        "sweep": sweep.name, "sweep_file": sweep.path, "git_commit": commit, "data_checksum": launch.checksum,
+        **source_tags(sweep.path, command, commit), DESCRIPTION_TAG: _parent_description(sweep, command)}, "sweep")
+    if created:
         if Path(sweep.path).is_file():  # a sweep built in code has no YAML to attach
             client.log_artifact(parent_id, sweep.path, artifact_path="sweep")
         client.log_dict(parent_id, {k: v.__dict__ for k, v in sweep.search_space.items()}, "search_space.json")
@@ -602,13 +788,14 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
             f"Ray results {run_dir}; MLflow {tracking_uri} experiment {sweep.experiment_name!r} run {parent_id}")
 
     settings = {"sweep": sweep, "base": base, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-                "parent_run_id": parent_id, "storage": str(run_dir / "train")}
-    trial_cpus = sweep.resources.cpus_per_worker if sweep.resources.num_workers == 0 else 0.01
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": trial_cpus})
+                "parent_run_id": parent_id, "storage": (run_dir / "train").uri}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    trial_resources(sweep, capacity))
     metric, mode = sweep.objective.metric, sweep.objective.mode
-    finisher = TrialFinisher(sweep, base, tracking_uri, experiment_id, parent_id)
+    finisher = TrialFinisher(sweep, base, tracking_uri, experiment_id, parent_id, results)
     if resume:
-        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(run_dir.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=results.ray_storage()["storage_filesystem"])
     else:
         scheduler = build_scheduler(sweep, trial_config(base_values(sweep), {}))
         tuner = tune.Tuner(
@@ -618,8 +805,8 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
                 metric=metric, mode=mode, num_samples=sweep.trials, max_concurrent_trials=concurrency,
                 search_alg=build_searcher(sweep),
                 scheduler=scheduler, time_budget_s=sweep.time_budget_s),
-            run_config=tune.RunConfig(name=run_dir.name, storage_path=str(storage), verbose=1,
-                                      callbacks=[finisher.tune_callback()]),
+            run_config=tune.RunConfig(name=run_dir.name, verbose=1, callbacks=[finisher.tune_callback()],
+                                      **results.ray_storage()),
         )
     started = time.monotonic()
     grid = tuner.fit()
@@ -630,15 +817,26 @@ def _run(sweep: SweepConfig, resume: bool, tracking_uri: str, storage: Path, run
         log(f"[sweep] time budget of {sweep.time_budget_s:.0f} s used up: {len(grid)} of {sweep.trials} trials "
             f"started; summarizing those")
         client.set_tag(parent_id, "ended", "time_budget")
-    elif len(grid) < sweep.trials or grid.num_terminated + grid.num_errors < len(grid):
+    elif len(grid) < sweep.trials or _unfinished(run_dir) or grid.num_terminated + grid.num_errors < len(grid):
         # Interrupted (e.g. Ctrl-C): Tune saved its state; leave the runs open for --resume.
         client.update_run(parent_id, status="KILLED")
         log(f"[sweep] interrupted with {grid.num_terminated} of {sweep.trials} trials finished; "
             f"continue with: python -m vipe_ray.sweep {sweep.path} --resume")
-        return {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id,
+        return {"sweep": sweep.name, "run_dir": run_dir.uri, "parent_run_id": parent_id,
                 "tracking_uri": tracking_uri, "trials": [], "best": None, "interrupted": True}
     return summarize(grid, sweep, client, parent_id, experiment_id, tracking_uri, run_dir, finisher)
 
+
+def _unfinished(run_dir: Location) -> list[str]:
+    """Trials that the saved experiment state (what ``--resume`` continues from) holds as not finished.
+
+    On Ctrl-C Tune saves its state and then marks the running trials TERMINATED in memory, so the result grid
+    cannot tell an interrupted trial from a finished one; the state it saved can.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(run_dir.path, storage_filesystem=run_dir.ray_storage()["storage_filesystem"])
+    return [t.trial_id for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def _parent_description(sweep: SweepConfig, command: str) -> str:
@@ -650,7 +848,7 @@ def _parent_description(sweep: SweepConfig, command: str) -> str:
 
 
 def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: str, tracking_uri: str,
-              run_dir: Path, finisher: TrialFinisher) -> dict:
+              run_dir: Location, finisher: TrialFinisher) -> dict:
     """Close every trial's run (those the finisher has not), log the sweep's plots on the parent, register
     the best trial's best-validation checkpoint and log its test-set metrics."""
     import mlflow
@@ -676,7 +874,7 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
                      "error": bool(result.error), **info})
     scored = [r for r in rows if isinstance(r["value"], (int, float)) and not r["error"] and r.get("model_uri")]
     best = (max if mode == "max" else min)(scored, key=lambda r: r["value"]) if scored else None
-    summary = {"sweep": sweep.name, "run_dir": str(run_dir), "parent_run_id": parent_id, "tracking_uri": tracking_uri,
+    summary = {"sweep": sweep.name, "run_dir": run_dir.uri, "parent_run_id": parent_id, "tracking_uri": tracking_uri,
                "experiment_id": experiment_id, "trials": rows, "best": best}
     _log_search_plots(client, parent_id, sweep, rows)
     if best is not None:
@@ -710,15 +908,22 @@ def _mlflow_metrics(values: dict[str, float]):
     return [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
 
 
-def test_metrics(checkpoint_path: str, lifter=None, progress=lambda _m: None, with_result: bool = False):
+def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False):
     """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
     flattened for MLflow (:func:`vipe_ray.evaluate.flat_metrics`, prefix ``test/``); with ``with_result``,
-    also the full result."""
+    also the full result. ``checkpoint``: a local path or an object-store URI."""
+    import tempfile
+
     from vipe_ray.data import load_table
     from vipe_ray.evaluate import evaluate_rigs, flat_metrics
     from vipe_ray.train import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint_path)
+    where = location(checkpoint)
+    if where.is_local:
+        ckpt = load_checkpoint(where.path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vipe-ray-ckpt-") as directory:
+            ckpt = load_checkpoint(where.download(directory))
     table = load_table(ckpt.config.data.table_path()).select(ckpt.config.data.test_subjects)
     result = evaluate_rigs(ckpt.model, ckpt.config, table, lifter=lifter, progress=progress)
     metrics = flat_metrics(result, "test/")
@@ -779,7 +984,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the latest interrupted run of this sweep")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--storage", default="ray_results", help="Ray Tune/Train results folder")
+    parser.add_argument("--storage", default="ray_results",
+                        help="Ray Tune/Train results, checkpoints and resume state: a folder or an object-store URI "
+                             "(s3://BUCKET/PREFIX; endpoint and credentials from AWS_ENDPOINT_URL, "
+                             "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    parser.add_argument("--cluster-max", metavar="CPU=N,GPU=N",
+                        help="what an autoscaling cluster can grow to (overrides the sweep's cluster_max and the "
+                             "autoscaler's limits); trials that fit only then wait for the autoscaler")
     parser.add_argument("--report", action="store_true",
                         help="studies only: rewrite the latest run's report from MLflow (no training)")
     args = parser.parse_args(argv)
@@ -796,13 +1007,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[study] report: {summary['report']}")
                 return 0
             summary = studies.run_study(study, args.resume, args.address, args.tracking_uri, args.storage,
-                                        command=command)
+                                        command=command,
+                                        cluster_max=parse_resources(args.cluster_max, "--cluster-max"))
             if summary.get("interrupted"):
                 return 130
             log(f"\n[study] report: {summary['report']} (also on MLflow parent run {summary['parent_run_id']})")
             return 0
         sweep = load_sweep(args.sweep)
-        summary = run_sweep(sweep, args.resume, args.address, args.tracking_uri, args.storage, command=command)
+        cluster_max = parse_resources(args.cluster_max, "--cluster-max")
+        summary = run_sweep(sweep, args.resume, args.address, args.tracking_uri, args.storage, command=command,
+                            cluster_max=cluster_max)
     except ConfigError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """MLflow tracking: one parent run per sweep, one nested run per trial, models, plots and the registry.
 
 Default store: an embedded SQLite file (``./mlflow.db``) with artifacts under ``./mlartifacts``, no server
-needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead.
+needed; ``MLFLOW_TRACKING_URI`` (or a sweep's ``tracking_uri``) points everything at a server instead. Such a
+node-local store is refused by a sweep on a Ray cluster of several nodes (see :func:`is_node_local_store`).
 Open the UI on the default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` and the URL a
 sweep prints (``.../#/experiments/ID/runs?workflowType=machine_learning``, see :mod:`vipe_ray.report`).
 """
@@ -39,6 +40,16 @@ def default_tracking_uri(root: str | Path = ".") -> str:
     return f"sqlite:///{(Path(root) / DEFAULT_DB).resolve()}"
 
 
+def is_node_local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a file on one machine (``sqlite:``, ``file:`` or a plain path)
+    rather than a server or a database that other nodes reach."""
+    head = uri.split(":", 1)[0].lower()
+    if head in ("databricks", "databricks-uc", "uc"):  # MLflow's hosted stores, named without "://"
+        return False
+    scheme = head if "://" in uri or head in ("sqlite", "file") else ""
+    return scheme in ("", "sqlite", "file")
+
+
 def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path = ".") -> str:
     """Experiment id of ``name``, created if needed as a model-training experiment (SQLite stores get an
     absolute local artifact root); an existing experiment without a kind is marked as one."""
@@ -63,13 +74,36 @@ def source_tags(source: str, command: str, commit: str) -> dict[str, str]:
     return tags
 
 
-def git_commit() -> str:
-    """The checkout's commit (``unknown`` outside a git checkout, e.g. a job's uploaded working dir)."""
+#: Written by deploy/Dockerfile (build arg GIT_COMMIT) at the root of the image's copy of the repository.
+COMMIT_FILE = "GIT_COMMIT"
+#: The image's commit as an environment variable (deploy/Dockerfile, from the same build arg).
+COMMIT_ENV = "VIPE_RAY_GIT_COMMIT"
+
+
+def git_commit(root: str | Path = REPO_ROOT) -> str:
+    """The commit of the code under ``root``, else ``unknown``.
+
+    1. ``git rev-parse HEAD`` in a git checkout;
+    2. the ``GIT_COMMIT`` file that deploy/Dockerfile writes into the image's copy of the repository (/app):
+       a RayJob uploads that copy as its working dir, and the file travels with the code;
+    3. ``VIPE_RAY_GIT_COMMIT`` (the same build arg) when ``root`` is no source tree, i.e. the package the
+       image pip-installed into site-packages runs.
+
+    A source tree with neither (a developer's checkout uploaded by ``ray job submit --working-dir .`` without
+    its .git) runs code the image's commit does not describe: ``unknown``.
+    """
+    root = Path(root)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    if (root / COMMIT_FILE).is_file():
+        return (root / COMMIT_FILE).read_text().strip() or "unknown"
+    if not (root / "pyproject.toml").is_file():
+        return os.environ.get(COMMIT_ENV) or "unknown"
+    return "unknown"
 
 
 class PoseEmbedder(nn.Module):
