@@ -23,7 +23,6 @@ continues an interrupted study: Tune reruns only the unfinished trials.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
