@@ -58,11 +58,11 @@ def test_sweep_out_of_time_budget_ends_normally_with_its_best_checkpoint_registe
     import mlflow
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = subprocess.run([sys.executable, "-m", "vipe_ray.sweep", str(_sweep(tmp_path, "time_budget_s: 75\n")),
+    out = subprocess.run([sys.executable, "-m", "vipe_ray.sweep", str(_sweep(tmp_path, "time_budget_s: 100\n")),
                           "--tracking-uri", tracking, "--storage", str(tmp_path / "results")],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=560)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "time budget of 75 s used up" in out.stdout
+    assert "time budget of 100 s used up" in out.stdout
     assert "registered model: vipe-ray-budget version 1" in out.stdout
 
     client = mlflow.MlflowClient(tracking)
