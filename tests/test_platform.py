@@ -105,8 +105,11 @@ def smoke_job(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("smoke-job")
     port, dash = _free_port(), _free_port()
     env = dict(ENV)  # Ray's default /tmp/ray: pytest's long tmp paths overflow Unix socket names
+    # A free job-agent port too: Ray's default (52365) is taken whenever another Ray runs on the machine, and the
+    # job server then answers "No available agent to submit job" for good.
     subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--include-dashboard=true", "--disable-usage-stats"],
+                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+                    "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=env, timeout=120, capture_output=True)
     try:
         _wait(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), 60, "ray dashboard")
@@ -115,7 +118,12 @@ def smoke_job(tmp_path_factory) -> dict:
         cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
                "python", "-m", "vipe_ray.sweep", "sweeps/smoke.yaml", "--tracking-uri", f"sqlite:///{db}",
                "--storage", str(tmp / "results")]
-        out = subprocess.run(cmd, env=env, timeout=540, capture_output=True, text=True)
+        for _ in range(4):
+            out = subprocess.run(cmd, env=env, timeout=540, capture_output=True, text=True)
+            # The dashboard can answer before its job agent is up (a busy machine); nothing was submitted then.
+            if "No available agent to submit job" not in out.stdout + out.stderr:
+                break
+            time.sleep(5)
         (tmp / "job.log").write_text(out.stdout + out.stderr)  # for a look after a failure
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, timeout=120, capture_output=True)
