@@ -19,7 +19,8 @@ import torch
 
 from vipe_ray.config import load_config
 from vipe_ray.data import load_table
-from vipe_ray.ingest import (PIECE_ROWS, PoseBuffer, StreamedShard, pose_dataset, run_bounds, to_pieces)
+from vipe_ray.ingest import (PIECE_ROWS, SCAN_FILTER_MAX_ROW_GROUP, PoseBuffer, StreamedShard, _keep_subjects,
+                             largest_row_group, pose_dataset, run_bounds, to_pieces)
 
 TRAIN = ["01", "02", "05", "16", "49", "93", "105"]
 
@@ -75,6 +76,16 @@ def test_batches_become_pieces_of_validated_float32_joints(table):
 
     with pytest.raises(DataError, match="t: missing column 'clip'"):
         to_pieces(rows.drop_columns(["clip"]), 4, "t")
+
+
+def test_subjects_are_selected_in_numpy_from_sliced_chunked_batches(table):
+    raw = pq.read_table(table.path)
+    batch = pa.concat_tables([raw.slice(1000, 3000), raw.slice(20000, 5000)])  # two chunks, both offset
+    out = _keep_subjects(batch, ["05", "93"])
+    expected = batch.combine_chunks()
+    expected = expected.filter(pa.compute.is_in(expected["subject"], value_set=pa.array(["05", "93"])))
+    assert out.schema == batch.schema and out.num_rows == expected.num_rows > 0
+    assert out.to_pylist() == expected.to_pylist()
 
 
 # --- the buffer ------------------------------------------------------------------------------------------
@@ -175,3 +186,18 @@ def test_a_bounded_shard_keeps_streaming_and_a_small_one_is_read_once(ray_cluste
     assert not whole._reader.is_alive(), "the stream of a shard held whole is closed"
     fits = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=4096, batch=8)
     assert fits.complete and len(fits.buffer) == 306
+
+
+@pytest.mark.timeout(240, func_only=True)
+def test_a_table_with_a_large_row_group_is_read_without_crashing(ray_cluster, table, tmp_path):
+    """pyarrow 25.0.1 segfaults selecting rows of the joints column of a large row group (Ray retries the
+    read task forever): 10 copies of the table in one row group take the numpy path and read in full."""
+    raw = pq.read_table(table.path)
+    copies = [raw.set_column(1, "clip", pa.array([f"{c}~{k}" for c in raw["clip"].to_pylist()])) for k in range(10)]
+    path = tmp_path / "x10.parquet"
+    pq.write_table(pa.concat_tables(copies).replace_schema_metadata(raw.schema.metadata), path,
+                   row_group_size=10 * len(raw))
+    assert largest_row_group(path) == 10 * len(raw) > SCAN_FILTER_MAX_ROW_GROUP
+    assert largest_row_group(table.path) <= SCAN_FILTER_MAX_ROW_GROUP, "the bundled table is filtered in the scan"
+    rows = sum(b.num_rows for b in pose_dataset(path, TRAIN).iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert rows == 10 * len(table.select(TRAIN))

@@ -4,14 +4,15 @@ Design:
 
 * **Read.** One Parquet scan; the split's subjects are a row filter pushed into the scan
   (``Dataset.filter(expr=...)`` is folded into the read by Ray Data's optimizer), so rows of other subjects
-  never reach a task.
+  never leave the reader (except for tables with row groups too large for pyarrow's filter: see
+  :data:`SCAN_FILTER_MAX_ROW_GROUP`).
 * **Pieces, mixed.** The scan emits blocks of about :data:`PIECE_ROWS` consecutive table rows (a piece: a
   run of frames of one clip, or the end of one and the start of the next), and the pieces' order is shuffled
   (``randomize_block_order``, reseeded every epoch) before Ray Train's ``streaming_split`` deals them to the
-  workers. The shuffle moves block references, not rows. Every shard therefore holds pieces of every subject
-  that has at least as many pieces as there are workers, whatever the number of workers (contiguous shards of
-  a file sorted by subject gave each worker a few subjects only), and the pieces reach a worker in random
-  order, so whatever part of its shard a worker holds is a random sample of it.
+  workers. The shuffle moves block references, not rows. A subject's pieces are thus dealt at random: every
+  shard holds pieces of every subject with many more pieces than there are workers, whatever the number of
+  workers (contiguous shards of a file sorted by subject gave each worker a few subjects only), and the
+  pieces reach a worker in random order, so whatever part of its shard a worker holds is a random sample.
 * **Bounded memory.** A worker never collects its shard. A background thread reads the worker's stream
   into a small queue; the :class:`PoseBuffer` holds at most ``data.buffer_rows`` poses (float32 joints
   ``[rows, 17, 3]`` with each row's run bounds, int32: 212 bytes a pose, 3.5 MB for the default 16,384) in
@@ -20,10 +21,11 @@ Design:
   stream restarts (a new Ray Data epoch) when the shard is exhausted. A shard that fits in the buffer is
   read once and the stream closed: nothing is streamed again. ``buffer_rows: 0`` always holds the whole
   shard (one compact copy; loading peaks at twice that). Triplet mining draws its negatives from the batch,
-  and every batch is drawn uniformly from the buffer, which holds poses of every subject of the shard.
+  and every batch is drawn uniformly from the buffer, a random sample of the shard. The reader re-cuts the
+  stream into pieces of exactly :data:`PIECE_ROWS` rows (blocks vary in size), so every slot is full.
 * **Runs, once.** The rows of a piece that share a clip and follow each other at the table's frame step
-  form a run; each row's first and last run row are computed once, when its piece arrives (integer
-  comparisons of the piece's clip column), and temporal windows are clamped to them: a window never
+  form a run; each row's first and last run row are computed once, when its piece arrives (one vectorized
+  comparison of neighbouring rows' clip and frame), and temporal windows are clamped to them: a window never
   bridges two clips, two pieces or a gap.
 * **Validation** data (rank 0, a few thousand poses) is collected whole: :func:`dataset_to_table`.
 
@@ -57,6 +59,40 @@ DATA_TASK_CPUS = 0.1
 READ_AHEAD = 8
 
 
+#: Row groups up to this many rows get the subject filter inside the Parquet scan. pyarrow 25.0.1 crashes
+#: (SIGSEGV) selecting rows of the nested joints column of larger ones -- ``filter`` in the scan or in a Ray
+#: task, ``take`` on the slices Ray Data hands a task (a 537,540-row group does, 65,536-row groups do not):
+#: such tables select their rows block by block in numpy (:func:`_keep_subjects`).
+SCAN_FILTER_MAX_ROW_GROUP = 65536
+
+
+def largest_row_group(path: str | Path) -> int:
+    """Rows of the largest Parquet row group of a table (a file, a directory of files or a URI)."""
+    import pyarrow.dataset as pds
+
+    sizes = [fragment.metadata.row_group(i).num_rows
+             for fragment in pds.dataset(str(path), format="parquet").get_fragments()
+             for i in range(fragment.metadata.num_row_groups)]
+    return max(sizes, default=0)
+
+
+def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
+    """The rows of ``subjects``; the joints are selected in numpy, never by an Arrow kernel (see
+    :data:`SCAN_FILTER_MAX_ROW_GROUP`)."""
+    keep = np.flatnonzero(pc.is_in(batch["subject"], value_set=pa.array(subjects, pa.string()))
+                          .to_numpy(zero_copy_only=False))
+    column = batch.schema.get_field_index("joints3d")
+    field = batch.schema.field(column)
+    flat = np.concatenate([chunk.flatten().flatten().to_numpy(zero_copy_only=False)
+                           for chunk in batch["joints3d"].chunks]).reshape(batch.num_rows, -1)[keep]
+    inner = field.type.value_type
+    joints = pa.FixedSizeListArray.from_arrays(
+        pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), inner.value_type), inner.list_size),
+        field.type.list_size)
+    rest = batch.remove_column(column).take(pa.array(keep, pa.int64()))
+    return rest.add_column(column, field, joints.cast(field.type))
+
+
 def pose_dataset(path: str | Path, subjects: tuple[str, ...] | list[str], seed: int = 0):
     """A Ray Dataset of the table's rows for ``subjects`` (columns subject, clip, frame, joints3d) in pieces
     of about :data:`PIECE_ROWS` consecutive rows, the pieces in a random order (reseeded every epoch)."""
@@ -66,9 +102,13 @@ def pose_dataset(path: str | Path, subjects: tuple[str, ...] | list[str], seed: 
 
     if not subjects:
         raise ValueError(f"{path}: no subjects to read")
-    dataset = (ray.data.read_parquet(str(path), num_cpus=DATA_TASK_CPUS)
-               .filter(expr=col("subject").is_in(list(subjects)))
-               .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)))
+    dataset = ray.data.read_parquet(str(path), num_cpus=DATA_TASK_CPUS)
+    if largest_row_group(path) <= SCAN_FILTER_MAX_ROW_GROUP:
+        dataset = dataset.filter(expr=col("subject").is_in(list(subjects)))
+    else:
+        dataset = dataset.map_batches(_keep_subjects, fn_kwargs={"subjects": list(subjects)}, batch_format="pyarrow",
+                                      batch_size=None, num_cpus=DATA_TASK_CPUS)
+    dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     # The dataset carries its own copy of the DataContext (Train copies it again for every shard): these
     # settings leave the caller's global context alone. Blocks of a piece each: the read cuts them to size.
     dataset.context.target_max_block_size = PIECE_ROWS * ROW_BYTES
