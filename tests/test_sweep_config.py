@@ -82,6 +82,10 @@ def _write(tmp_path, text: str) -> Path:
     (GOOD + "objective: {metric: val_hit@1, mode: up}\n", "objective.mode"),
     (GOOD + "resources: {num_workers: 1, cpus_per_worker: 0}\n", "resources.cpus_per_worker"),
     (GOOD + "scheduler: {type: hyperband}\n", "scheduler.type"),
+    (GOOD + "resources: {num_workers: 1, gpus_per_worker: 0.5}\n", "resources.gpus_per_worker: 0.5 needs use_gpu"),
+    (GOOD + "resources: {num_workers: 1, use_gpu: true, gpus_per_worker: 0}\n", "gpus_per_worker: 0.0 must be > 0"),
+    (GOOD + "resources: {num_workers: 1, use_gpu: true, gpus_per_worker: 1.5}\n", "whole GPUs only"),
+    (GOOD + "resources: {num_workers: 2, use_gpu: true, gpus_per_worker: 0.5}\n", "DDP ranks need a GPU each"),
     ("name: t\nsearch_space: {}\n", "search_space: must be a non-empty mapping"),
     ("name: t\n", "search_space: required"),
     ("name: t\nsearch_space:\n  model.widht: {type: choice, values: [1, 2]}\n", "search_space.model.widht = 1"),
@@ -129,6 +133,13 @@ def test_impossible_resources_fail_before_trials(tmp_path):
     gpu = load_sweep(_write(tmp_path, GOOD + "resources: {num_workers: 1, cpus_per_worker: 0.5, use_gpu: true}\n"))
     with pytest.raises(ConfigError, match="resources.use_gpu"):
         check_resources(gpu, {"CPU": 2.0})
+    # Half a GPU per one-worker trial: two trials share a GPU, and the GPUs bound the concurrency.
+    half = load_sweep(_write(tmp_path, GOOD + "concurrency: 4\nresources: {num_workers: 1, cpus_per_worker: 1.0, "
+                                              "use_gpu: true, gpus_per_worker: 0.5}\n"))
+    assert half.resources.gpus == 0.5 and half.resources.ray().resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
+    assert check_resources(half, {"CPU": 16.0, "GPU": 2.0}) == 4
+    assert check_resources(half, {"CPU": 16.0, "GPU": 1.0}) == 2
+    assert load_sweep(_write(tmp_path, GOOD)).resources.gpus == 0.0
     two = load_sweep(_write(tmp_path, GOOD + "concurrency: 2\nresources: {num_workers: 1, cpus_per_worker: 0.49}\n"))
     assert check_resources(two, {"CPU": 2.0}) == 2
     assert check_resources(two, {"CPU": 1.6}) == 1, "concurrency shrinks to what leaves a CPU for data loading"

@@ -35,8 +35,14 @@ class DataConfig:
     train_subjects: tuple[str, ...] = ("01", "02", "05", "16", "49", "93", "105")
     val_subjects: tuple[str, ...] = ("09", "10")
     test_subjects: tuple[str, ...] = ("06", "13")
+    #: Poses a Ray Train worker holds to draw its batches from, streamed from its shard so that its memory
+    #: stays flat as the table grows (see :mod:`vipe_ray.ingest`); a shard that fits is read once. 0 = hold
+    #: the whole shard. ``vipe-ray train`` (one process) always holds the training subjects.
+    buffer_rows: int = 16384
 
     def __post_init__(self) -> None:
+        if self.buffer_rows < 0:
+            raise ConfigError(f"data.buffer_rows: {self.buffer_rows} must be >= 0 (0 = the whole shard)")
         sets = {"train_subjects": self.train_subjects, "val_subjects": self.val_subjects,
                 "test_subjects": self.test_subjects}
         if not self.train_subjects:
@@ -204,6 +210,8 @@ class OptimConfig:
     lr_final_fraction: float = 0.1
     weight_decay: float = 0.0
     steps: int = 3000
+    #: Poses per step of each worker: a Ray Train run of N workers steps on N x batch_size poses (the
+    #: reference's batch per worker); lr is not rescaled with N.
     batch_size: int = 256
     jitter: float = 0.0
     #: Arithmetic of the embedder's forward and backward: ``fp32``, or ``bf16`` autocast (the Linear layers'

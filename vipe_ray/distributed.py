@@ -1,20 +1,24 @@
-"""Ray Data + Ray Train: distributed data-parallel training of the Pr-VIPE step.
+"""Ray Train: distributed data-parallel training of the Pr-VIPE step, fed by Ray Data.
 
-* Ray Data reads the pose table, keeps the split's subjects and shards the training rows across the
-  workers (each worker holds only its shard; pose tables are megabytes, so a worker keeps its shard in memory
-  and renders fresh random views of it every step: nothing is rendered up front).
+* Ray Data reads the pose table (the split's subjects filtered in the scan), in pieces dealt in random order
+  to the workers; each worker keeps a bounded buffer of its shard and renders fresh random views of it every
+  step (see :mod:`vipe_ray.ingest`: nothing is rendered up front, no worker holds the table).
 * ``TorchTrainer`` runs :func:`vipe_ray.train.train_step` in every worker under DDP: gloo on CPU, nccl on GPU
   (Ray picks the backend from ``use_gpu``). Each worker draws its own batch of ``optim.batch_size`` poses
-  (the reference's "batch per worker").
+  (the reference's "batch per worker"): N workers step on N x batch_size poses, with the same ``lr``.
+* Each worker runs torch on its device (:func:`start_state`) with one intra-op thread per whole Ray CPU it
+  holds; validation runs the model on that device.
 * Every ``checkpoint_every`` steps the workers report metrics (rank 0 adds validation Hit@k) and rank 0 a
-  checkpoint in the same format as ``vipe-ray train``; a restarted worker group resumes from the last
-  registered checkpoint (``FailureConfig``).
+  checkpoint in the same format as ``vipe-ray train``, plus the Ray node of every rank; a restarted worker
+  group resumes from the last registered checkpoint (``FailureConfig``).
+* Whatever observes a worker (MLflow logging, tests) is a :class:`WorkerCallback`, outside the loop.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -23,24 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata, table_to_arrays
+from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
+from vipe_ray.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
 from vipe_ray.train import CHECKPOINT, FORMAT, build_model, build_optimizer, rng_state, train_step
 
 
 @dataclass(frozen=True)
 class Scaling:
     """Workers of one training run (a sweep's ``resources``): ``num_workers`` = 0 trains in the calling
-    process (Ray Train local mode); ``use_gpu`` gives each worker one GPU (DDP over nccl)."""
+    process (Ray Train local mode); ``use_gpu`` gives each worker ``gpus_per_worker`` GPUs (default 1; a
+    fraction lets the runs of several trials share a GPU), DDP over nccl."""
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    gpus_per_worker: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -49,6 +54,26 @@ class Scaling:
             raise ConfigError(f"resources.cpus_per_worker: {self.cpus_per_worker} must be > 0")
         if self.use_gpu and self.num_workers == 0:
             raise ConfigError("resources.use_gpu: GPU training needs num_workers >= 1")
+        g = self.gpus_per_worker
+        if g is None:
+            return
+        if not self.use_gpu:
+            raise ConfigError(f"resources.gpus_per_worker: {g} needs use_gpu: true")
+        if not g > 0:
+            raise ConfigError(f"resources.gpus_per_worker: {g} must be > 0")
+        if g > 1 and not float(g).is_integer():
+            raise ConfigError(f"resources.gpus_per_worker: {g}: above 1 GPU, Ray gives whole GPUs only")
+        if g < 1 and self.num_workers > 1:
+            # Two ranks of one DDP group could land on one GPU, which nccl refuses.
+            raise ConfigError(f"resources.gpus_per_worker: {g} with num_workers {self.num_workers}: a fraction of "
+                              f"a GPU is for one worker per trial (trials share the GPU); DDP ranks need a GPU each")
+
+    @property
+    def gpus(self) -> float:
+        """GPUs of each worker (0 without ``use_gpu``)."""
+        if not self.use_gpu:
+            return 0.0
+        return 1.0 if self.gpus_per_worker is None else float(self.gpus_per_worker)
 
     @property
     def cpus_per_trial(self) -> float:
@@ -60,63 +85,79 @@ class Scaling:
 
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
-            resources["GPU"] = 1
+            resources["GPU"] = self.gpus
         return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources)
 
 
-DATA_TASK_CPUS = 0.1
 #: The validation metric that ranks a run's checkpoints.
 BEST_METRIC = "val_hit@1"
 
 
-def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch["subject"], value_set=pa.array(subjects, pa.string())))
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One training worker: its rank of ``world``, Ray node, torch device and the step it (re)started at."""
+
+    rank: int
+    world: int
+    node_id: str
+    device: str
+    start_step: int
 
 
-def pose_dataset(path: str | Path, subjects: tuple[str, ...] | list[str]):
-    """A Ray Dataset of the table's rows for ``subjects`` (columns subject, clip, frame, joints3d); ``path``
-    is a local path or an object-store URI (:mod:`vipe_ray.storage`)."""
-    import ray.data
+class WorkerCallback:
+    """Observes a worker's training loop from outside it (e.g. MLflow logging, tests). Subclass and override;
+    pass picklable instances in ``loop_config["callbacks"]``: every rank runs them."""
 
-    table = storage.location(path)
-    # Fractional CPUs for the read tasks: with trials and workers holding most of a small machine, a task
-    # that needs a whole CPU never schedules and the training waits on its data forever. The filesystem
-    # travels with the read tasks, endpoint included (credentials come from each worker's environment).
-    dataset = ray.data.read_parquet(table.path, filesystem=None if table.is_local else table.fs, num_cpus=DATA_TASK_CPUS).map_batches(
-        _keep_subjects, fn_kwargs={"subjects": list(subjects)}, batch_format="pyarrow", batch_size=None,
-        num_cpus=DATA_TASK_CPUS)
-    # Progress bars of a megabyte table only spam the worker logs. The dataset carries its own copy of the
-    # DataContext (Train copies it again for every shard), so this leaves the caller's global context alone.
-    dataset.context.enable_progress_bars = False
-    return dataset
+    def on_start(self, worker: WorkerInfo) -> None:
+        """The worker's state is ready (fresh or resumed from ``worker.start_step``); no data read yet."""
+
+    def on_step(self, worker: WorkerInfo, step: int) -> None:
+        """An optimizer step finished; ``step`` counts them from the start of the run."""
+
+    def on_report(self, worker: WorkerInfo, step: int, metrics: dict[str, float]) -> None:
+        """This worker's metrics, just before they are reported (rank 0's include validation)."""
 
 
-def dataset_to_table(iterator, path: str, fps: int, checksum: str) -> PoseTable:
-    """Collect a Ray Data iterator (a worker's shard) into a :class:`PoseTable` sorted by (subject, clip, frame)."""
-    batches = [b for b in iterator.iter_batches(batch_format="pyarrow", batch_size=None)]
-    if not batches:
-        raise ValueError(f"{path}: this worker's data shard is empty; use fewer workers or more subjects")
-    table = pa.concat_tables(batches).sort_by([("subject", "ascending"), ("clip", "ascending"),
-                                               ("frame", "ascending")])
-    subject, clip, frame, joints = table_to_arrays(table, f"{path} (worker shard)")
-    return PoseTable(subject, _split_at_gaps(clip, frame, SOURCE_FPS // fps), frame, joints, fps, checksum, path)
+def worker_threads(cpus: float | None) -> int | None:
+    """Torch intra-op threads of a worker holding ``cpus`` Ray CPUs: its whole CPUs, at least 1 (a fraction
+    of a CPU still runs one thread). None (no Ray CPUs known, e.g. local mode outside Tune): leave torch's."""
+    if cpus is None:
+        return None
+    return max(1, int(cpus))
 
 
-def _split_at_gaps(clip: np.ndarray, frame: np.ndarray, frame_step: int) -> np.ndarray:
-    """Clip names with every run of consecutive frames as its own clip (``name#1``, ``name#2`` ... after gaps).
+@dataclass
+class TrainState:
+    """What a worker trains: the model (on its device), optimizer, LR schedule, batch generator and step."""
 
-    A shard holds whichever blocks the split handed this worker, so it can hold pieces of one clip with a gap
-    between them; temporal windows are clamped to clip bounds and must not bridge such a gap.
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    step: int
+
+
+def start_state(config: TrainConfig, rank: int, device: torch.device | str, payload: dict | None = None) -> TrainState:
+    """A worker's training state on ``device``, fresh or from a checkpoint ``payload``.
+
+    The model moves to its device before the optimizer is built and its state loaded: ``load_state_dict``
+    puts the optimizer state on the parameters' device (loaded first, Adam's moments stayed on the CPU beside
+    CUDA parameters and a resumed GPU run failed at its first step). The batch generator stays on the CPU:
+    cameras, dropout and noise are drawn there and moved, so a GPU run draws what a CPU run draws.
     """
-    same = clip[1:] == clip[:-1]
-    gap = same & (np.diff(frame) != frame_step)
-    if not gap.any():
-        return clip
-    clip_start = np.concatenate([[True], ~same])
-    pieces = np.cumsum(clip_start | np.concatenate([[False], gap]))
-    first_row = np.maximum.accumulate(np.where(clip_start, np.arange(len(clip)), 0))
-    ordinal = pieces - pieces[first_row]
-    return np.asarray([c if k == 0 else f"{c}#{k}" for c, k in zip(clip.tolist(), ordinal.tolist())])
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    optimizer, scheduler = build_optimizer(config, model)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    step = 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        step = payload["step"]
+        # Each worker's stream restarts from a seed of (seed, rank, step): distinct per worker, reproducible.
+        generator.manual_seed(config.seed * 1000 + rank + 7919 * step)
+    return TrainState(model, optimizer, scheduler, generator, step)
 
 
 def _write_checkpoint(payload: dict) -> Any:
@@ -127,92 +168,122 @@ def _write_checkpoint(payload: dict) -> Any:
     return Checkpoint.from_directory(directory)
 
 
+def _all_ranks(value: Any, world: int) -> list:
+    """``value`` of every rank, in rank order (a collective: every rank calls it)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _ray_cpus() -> float | None:
+    """The Ray CPUs this process holds: a Ray worker's assignment; None in a driver (local mode)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    return context.get_assigned_resources().get("CPU")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: DDP Pr-VIPE training with periodic validation, reports and checkpoints.
 
-    ``loop_config``: ``config`` (a TrainConfig dict), ``data`` (path, fps, checksum), optional
-    ``fail_at_step`` with ``fail_marker`` (testing: the last rank SIGKILLs itself once at that step, after
-    ``fail_delay_s``, and writes the marker file first), ``shard_log`` (testing: a directory; each worker writes
-    its row keys ``clip:frame`` to ``rank{r}.txt``), ``resume_log`` (testing: a file; each worker that resumes
-    appends a line ``rank step``), ``on_report`` (a picklable callable run on rank 0 with (step, metrics)),
-    ``val_queries`` (at most this many validation queries per rig; 0, the default: all).
+    ``loop_config``: ``config`` (a TrainConfig dict), ``data`` (path, fps, checksum), optional ``callbacks``
+    (:class:`WorkerCallback` instances, run on every rank), ``on_report`` (a picklable callable run on rank 0
+    with (step, metrics)), ``val_queries`` (at most this many validation queries per rig; 0, the default: all).
     """
+    import ray
     import ray.train
     import ray.train.torch
 
     config: TrainConfig = config_from_dict(loop_config["config"], "train_loop_config")
     data = loop_config["data"]
+    callbacks: list[WorkerCallback] = list(loop_config.get("callbacks") or [])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    table = dataset_to_table(ray.train.get_dataset_shard("train"), data["path"], data["fps"], data["checksum"])
-    if loop_config.get("shard_log"):
-        keys = [f"{c.split('#')[0]}:{f}" for c, f in zip(table.clip.tolist(), table.frame.tolist())]
-        Path(loop_config["shard_log"], f"rank{rank}.txt").write_text("\n".join(keys))
-    val_table = None
-    if rank == 0 and config.data.val_subjects:
-        val_table = dataset_to_table(ray.train.get_dataset_shard("val"), data["path"], data["fps"], data["checksum"])
-
-    from vipe_ray.data import WindowSampler
-
-    sampler = WindowSampler(table, config.temporal.window, config.temporal.stride)
-    torch.manual_seed(config.seed)
-    model = build_model(config)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    optimizer, scheduler = build_optimizer(config, model)
-    step = 0
+    threads = worker_threads(_ray_cpus())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+    payload = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             payload = torch.load(os.path.join(directory, CHECKPOINT), map_location="cpu", weights_only=False)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step = payload["step"]
-        # Each worker's stream restarts from a seed of (seed, rank, step): distinct per worker, reproducible.
-        generator.manual_seed(config.seed * 1000 + rank + 7919 * step)
-        print(f"[rank {rank}] resumed from checkpoint at step {step}", flush=True)
-        if loop_config.get("resume_log"):
-            with open(loop_config["resume_log"], "a") as handle:
-                handle.write(f"{rank} {step}\n")
-    # prepare_model moves to the worker's device and wraps in DDP (gloo on CPU, nccl on GPU).
-    ddp_model = ray.train.torch.prepare_model(model) if world > 1 else model.to(ray.train.torch.get_device())
-    # Optimizer state was loaded before wrapping; parameters are the same objects.
-    total = config.optim.steps
+    state = start_state(config, rank, device, payload)
+    nodes = _all_ranks(ray.get_runtime_context().get_node_id(), world)
+    worker = WorkerInfo(rank, world, nodes[rank], str(device), state.step)
+    if payload is not None:
+        print(f"[rank {rank}] resumed from checkpoint at step {state.step}", flush=True)
+    for callback in callbacks:
+        callback.on_start(worker)
+    shard = StreamedShard(ray.train.get_dataset_shard("train"), config.data.buffer_rows, config.optim.batch_size,
+                          config.temporal.window, config.temporal.stride, data["fps"],
+                          f"{data['path']} (rank {rank} of {world})")
+    try:
+        val_table = None
+        if rank == 0 and config.data.val_subjects:
+            val_table = dataset_to_table(ray.train.get_dataset_shard("val"), data["path"], data["fps"],
+                                         data["checksum"])
+        # prepare_model wraps in DDP (gloo on CPU, nccl on GPU); the optimizer holds the same parameters.
+        ddp_model = ray.train.torch.prepare_model(state.model) if world > 1 else state.model
+        _train(loop_config, config, data, state, ddp_model, shard, val_table, worker, nodes, callbacks)
+    finally:
+        shard.close()
+
+
+def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState, ddp_model: torch.nn.Module,
+           shard: StreamedShard, val_table: PoseTable | None, worker: WorkerInfo, nodes: list[str],
+           callbacks: list[WorkerCallback]) -> None:
+    """The steps, reports and checkpoints of :func:`train_loop_per_worker`."""
+    import ray.train
+
+    model, optimizer, scheduler, generator = state.model, state.optimizer, state.scheduler, state.generator
+    step, total, batch = state.step, config.optim.steps, config.optim.batch_size
     start, start_step = time.perf_counter(), step
     window: list[dict] = []
     # Local mode: the temporary directories of the best-scoring checkpoint and of the latest.
     score_metric, score_mode = loop_config.get("score", (BEST_METRIC, "max"))
     kept: dict[str, tuple[float, str]] = {}
     while step < total:
-        batch = sampler.sample(config.optim.batch_size, generator)
-        window.append(train_step(ddp_model, optimizer, batch, config, generator, progress=step / total))
+        window.append(train_step(ddp_model, optimizer, shard.sample(batch, generator), config, generator,
+                                 progress=step / total))
         scheduler.step()
         step += 1
-        fail_at = loop_config.get("fail_at_step")
-        if fail_at is not None and step == fail_at and rank == world - 1:
-            marker = Path(loop_config["fail_marker"])
-            if not marker.exists():
-                marker.write_text(str(step))
-                time.sleep(loop_config.get("fail_delay_s", 3.0))  # let the controller register the checkpoint
-                os.kill(os.getpid(), 9)
+        for callback in callbacks:
+            callback.on_step(worker, step)
         if step % config.checkpoint_every == 0 or step == total:
             metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
             window = []
             # Poses/s of all workers since this (re)start: earlier reports' validation counts, this one's not.
-            rate = (step - start_step) * config.optim.batch_size * world / max(time.perf_counter() - start, 1e-9)
-            metrics.update(step=step, lr=scheduler.get_last_lr()[0], samples_per_s=rate)
+            rate = (step - start_step) * batch * worker.world / max(time.perf_counter() - start, 1e-9)
+            metrics.update(step=step, lr=scheduler.get_last_lr()[0], samples_per_s=rate,
+                           global_batch=batch * worker.world, worker_nodes=len(set(nodes)),
+                           peak_rss_mb=_peak_rss_mb(), **shard.stats())
             ckpt = None
-            if rank == 0:
+            if worker.rank == 0:
                 if val_table is not None:
                     metrics.update(validation_metrics(model, config, val_table,
                                                       max_queries=loop_config.get("val_queries", 0)))
                 payload = {"format": FORMAT, "kind": "prvipe", "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "config": config_to_dict(config), "step": step, "data_checksum": data["checksum"],
-                           "data_path": data["path"], "rng": rng_state(generator), "metrics": metrics}
+                           "data_path": data["path"], "rng": rng_state(generator), "metrics": metrics,
+                           "workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)]}
                 ckpt = _write_checkpoint(payload)
                 if loop_config.get("on_report") is not None:
                     loop_config["on_report"](step, metrics)
+            for callback in callbacks:
+                callback.on_report(worker, step, metrics)
             # The temporary checkpoint directory is removed once uploaded to the run's storage. Local mode
             # ignores the flag and uploads nothing: its latest directory is the Result's checkpoint, so only
             # the one before it is removed here.

@@ -38,6 +38,7 @@ whether two configurations can be told apart on that set.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -145,14 +146,21 @@ def pattern_visibility(pattern: str, batch: int, generator: torch.Generator) -> 
     raise ValueError(f"unknown occlusion pattern {pattern!r}")
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def _embed(model: torch.nn.Module, features: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sigma) of CPU features ``[n, ..., 39]``: the model runs on its own device (a GPU worker's
+    validation), the results come back to the CPU, where the retrieval arithmetic runs."""
     model.eval()
+    device = _device(model)
     means, sigmas = [], []
     for start in range(0, features.shape[0], batch):
-        m, s = model(features[start:start + batch])
-        means.append(m)
-        sigmas.append(s)
+        m, s = model(features[start:start + batch].to(device))
+        means.append(m.cpu())
+        sigmas.append(s.cpu())
     return torch.cat(means), torch.cat(sigmas)
 
 
@@ -173,7 +181,7 @@ def _view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.
             "visible": feats[:, centre, 2 * NUM_KEYPOINTS_2D:] > 0, "valid": valid}
     if lifter is not None:
         lifter.eval()
-        view["lifted"] = lifter(feats[:, centre]).double()
+        view["lifted"] = lifter(feats[:, centre].to(_device(lifter))).double().cpu()
     return view
 
 
@@ -238,7 +246,8 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
     match3d = (pairwise_np_mpjpe(joints, joints) <= ev.kappa).T.contiguous()
     probabilistic = config.model.probabilistic
     k = samples or (config.model.samples if probabilistic else 1)
-    match: MatchProbability = model.match
+    # The match probability's two scalars on the CPU, beside the embeddings (the same module on a CPU model).
+    match: MatchProbability = model.match if _device(model).type == "cpu" else copy.deepcopy(model.match).cpu()
     methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
     result: dict = {"rigs": {}, "se": {}, "occlusion": {}, "invalid": {}, "cameras": {}, "queries": int(len(rows)),
                     "subjects": table.subjects, "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa,

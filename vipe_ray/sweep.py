@@ -400,19 +400,25 @@ def check_resources(sweep: SweepConfig, cluster: dict[str, float], limits: dict[
                           f"{r.cpus_per_worker} CPU = {r.cpus_per_trial} CPUs (+0.01 for the trial, +1 free for "
                           f"Ray Data's file listing), but the cluster has {has('CPU')}; lower num_workers or "
                           f"cpus_per_worker, or give the cluster's size with cluster_max / --cluster-max")
-    if r.use_gpu and capacity.get("GPU", 0.0) < r.num_workers:
-        raise ConfigError(f"{sweep.path}: resources.use_gpu: {r.num_workers} GPU worker(s) per trial but the "
-                          f"cluster has {has('GPU')}; give the cluster's size with cluster_max / --cluster-max")
+    gpus = r.num_workers * r.gpus
+    if r.use_gpu and capacity.get("GPU", 0.0) + 1e-9 < gpus:
+        raise ConfigError(f"{sweep.path}: resources.use_gpu: {r.num_workers} GPU worker(s) x {r.gpus} GPU per "
+                          f"trial but the cluster has {has('GPU')}; give the cluster's size with cluster_max / "
+                          f"--cluster-max")
     now_cpus, now_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if need + DATA_LISTING_CPUS > now_cpus + 1e-9 or (r.use_gpu and now_gpus < r.num_workers):
+    if need + DATA_LISTING_CPUS > now_cpus + 1e-9 or (r.use_gpu and now_gpus + 1e-9 < gpus):
         log(f"[sweep] warning: a trial does not fit the cluster as it is now ({now_cpus} CPUs, {now_gpus} GPUs); "
             f"it can grow to {cpus} CPUs, {capacity.get('GPU', 0.0)} GPUs: trials wait for the autoscaler")
     if math.isinf(cpus):
         return sweep.concurrency
     fits = max(1, int((cpus - DATA_LISTING_CPUS + 1e-9) // need))
+    if r.use_gpu:
+        fits = min(fits, int((cluster.get("GPU", 0.0) + 1e-9) // gpus))
     if sweep.concurrency > fits:
-        log(f"[sweep] note: concurrency {sweep.concurrency} x {need:.2f} CPUs per trial (+1 for data loading) "
-            f"exceeds the cluster's {cpus} CPUs; running {fits} trial(s) at a time")
+        per_trial = f"{need:.2f} CPUs" + (f" and {gpus:g} GPUs" if r.use_gpu else "")
+        have = f"{cpus} CPUs" + (f" and {cluster.get('GPU', 0.0):g} GPUs" if r.use_gpu else "")
+        log(f"[sweep] note: concurrency {sweep.concurrency} x {per_trial} per trial (+1 CPU for data loading) "
+            f"exceeds the cluster's {have}; running {fits} trial(s) at a time")
         return fits
     return sweep.concurrency
 
