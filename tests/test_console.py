@@ -61,9 +61,9 @@ def test_optuna_experimental_warnings_are_quiet_only_for_the_plots():
 
 def test_summary_table_renders_every_rig_and_marks_the_best():
     rigs, ks = ("h36m", "novel", "wide"), (1, 5)
-    lines = [TrialLine("aaaa0001", "r1", "FINISHED", {"mining.kappa": 0.08, "model.embedding_dim": 16}, 40, 0.1,
+    lines = [TrialLine("aaaa0001", "r1", "FINISHED", {"mining.kappa": 0.08, "model.embedding_dim": 16}, 40, 20, 0.1,
                        {"h36m": {1: 0.125, 5: 0.5}, "novel": {1: 0.075, 5: 0.25}, "wide": {1: None, 5: None}}),
-             TrialLine("aaaa0002", "r2", "FINISHED", {"mining.kappa": 0.1184, "model.embedding_dim": 8}, 40, 0.05,
+             TrialLine("aaaa0002", "r2", "FINISHED", {"mining.kappa": 0.1184, "model.embedding_dim": 8}, 40, None, 0.05,
                        {"h36m": {1: 0.05, 5: 0.3}, "novel": {1: 0.05, 5: 0.2}, "wide": {1: 0.01, 5: 0.02}})]
     summary = {"sweep": "smoke", "tracking_uri": "sqlite:////x/mlflow.db", "experiment_id": "7",
                "best": {"trial_id": "aaaa0001", "value": 0.1, "run_id": "r1"},
@@ -71,12 +71,14 @@ def test_summary_table_renders_every_rig_and_marks_the_best():
     text = render(summary, lines, "val_hit@1", "max", rigs, ks)
     rows = text.splitlines()
     header = next(r for r in rows if r.startswith("trial"))
-    assert header.split()[:6] == ["trial", "status", "mining.kappa", "model.embedding_dim", "steps", "val_hit@1"]
+    assert header.split()[:7] == ["trial", "status", "mining.kappa", "model.embedding_dim", "steps", "kept",
+                                  "val_hit@1"]
     assert "wide@5" in header
     first = next(r for r in rows if "aaaa0001" in r)
-    assert first.startswith("*aaaa0001") and first.split()[2:] == ["0.08", "16", "40", "10.0", "12.5", "50.0",
-                                                                    "7.5", "25.0", "-", "-"]
-    assert next(r for r in rows if "aaaa0002" in r).startswith(" aaaa0002")
+    assert first.startswith("*aaaa0001") and first.split()[2:] == ["0.08", "16", "40", "20", "10.0", "12.5",
+                                                                    "50.0", "7.5", "25.0", "-", "-"]
+    second = next(r for r in rows if "aaaa0002" in r)
+    assert second.startswith(" aaaa0002") and second.split()[5] == "-", "no kept checkpoint: a dash"
     assert "registered model: vipe-ray-smoke version 3 (models:/vipe-ray-smoke/3)" in rows
     assert rows[-1] == ("MLflow: mlflow ui --backend-store-uri sqlite:////x/mlflow.db  then open "
                         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
