@@ -413,10 +413,10 @@ def check_resources(sweep: SweepConfig, cluster: dict[str, float], limits: dict[
         return sweep.concurrency
     fits = max(1, int((cpus - DATA_LISTING_CPUS + 1e-9) // need))
     if r.use_gpu:
-        fits = min(fits, int((cluster.get("GPU", 0.0) + 1e-9) // gpus))
+        fits = max(1, min(fits, int((capacity.get("GPU", 0.0) + 1e-9) // gpus)))
     if sweep.concurrency > fits:
         per_trial = f"{need:.2f} CPUs" + (f" and {gpus:g} GPUs" if r.use_gpu else "")
-        have = f"{cpus} CPUs" + (f" and {cluster.get('GPU', 0.0):g} GPUs" if r.use_gpu else "")
+        have = f"{cpus} CPUs" + (f" and {capacity.get('GPU', 0.0):g} GPUs" if r.use_gpu else "")
         log(f"[sweep] note: concurrency {sweep.concurrency} x {per_trial} per trial (+1 CPU for data loading) "
             f"exceeds the cluster's {have}; running {fits} trial(s) at a time")
         return fits
