@@ -137,6 +137,7 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
               f"brackets. Differences are paired by seed against the reference variant `{ref}`; "
               f"\"better\"/\"worse\" when the difference's interval excludes 0. With {len(seeds)} seeds only "
               f"large effects can be detected: \"no difference detected\" is not \"no difference\".", ""]
+    lines += [f"Scale: {provenance['scale']}.", ""]
     kappa = provenance.get("eval_kappa")
     lines += [f"Match criterion: a retrieval hits when the retrieved pose's 3D is within NP-MPJPE {kappa} of the "
               f"query's, for every variant (the `kappa` variants were *trained* with their own kappa, tested "
@@ -204,6 +205,25 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
     for r in records:
         lines.append(f"| `{r.variant}` | {r.seed} | `{r.run_id}` | {r.step if r.step is not None else '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _scale(config) -> str:
+    """The reference variant's model, training and test sizes, and how they compare with the default config's."""
+    from vipe_ray.config import load_config
+
+    default = load_config()
+    m, o, e = config.model, config.optim, config.eval
+    queries = f"at most {e.max_queries}" if e.max_queries else "all"
+    same = (m.width, m.blocks, m.samples, o.steps, o.batch_size) == (default.model.width, default.model.blocks,
+                                                                      default.model.samples, default.optim.steps,
+                                                                      default.optim.batch_size)
+    note = ("the default config's scale" if same else
+            f"smaller than the default config (width {default.model.width}, {default.model.blocks} blocks, "
+            f"K = {default.model.samples}, {default.optim.steps} steps of {default.optim.batch_size}): numbers are "
+            f"lower than the default model's and rank variants at this budget only")
+    return (f"width {m.width}, {m.blocks} blocks, K = {m.samples} samples, embedding {m.embedding_dim}; "
+            f"{o.steps} steps of {o.batch_size} poses ({o.precision}); test queries per rig: {queries} "
+            f"(every {e.every} source frames) -- {note}")
 
 
 def _rig_mean(records: list[TrialRecord], variant: str, keys: list[str]) -> dict[int, float]:
@@ -304,6 +324,7 @@ def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, 
                     f"mlflow {mlflow.__version__}, numpy {numpy.__version__}",
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "experiment": study.experiment_name,
         "parent_run_id": parent_id, "eval_kappa": reference.eval.kappa, "partial": partial,
+        "scale": _scale(reference),
     }
     plots = _plots(study, records, table, out)
     text = markdown(study, records, table, provenance, plots)
