@@ -83,6 +83,10 @@ def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
     :data:`SCAN_FILTER_MAX_ROW_GROUP`)."""
     keep = np.flatnonzero(pc.is_in(batch["subject"], value_set=pa.array(subjects, pa.string()))
                           .to_numpy(zero_copy_only=False))
+    if len(keep) == batch.num_rows:
+        return batch
+    if not len(keep):
+        return batch.slice(0, 0)
     column = batch.schema.get_field_index("joints3d")
     field = batch.schema.field(column)
     flat = np.concatenate([chunk.flatten().flatten().to_numpy(zero_copy_only=False)
