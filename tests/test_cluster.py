@@ -77,7 +77,7 @@ def test_autoscaler_limits_come_from_the_cluster_config_in_the_gcs(two_nodes, tm
         assert now["CPU"] == 2.0 and "GPU" not in now
         grown = cluster_limits(sweep)
         assert grown == {"CPU": 64.0, "GPU": 2.0, TRIAL_DRIVER_RESOURCE: 800.0}, "the sweep's cluster_max wins"
-        assert check_resources(sweep, now, grown) == 4
+        assert check_resources(sweep, now, grown) == 1, "2 GPUs hold one trial of 2 GPU workers at a time"
         assert "trials wait for the autoscaler" in capsys.readouterr().out
         assert trial_resources(sweep, grown) == {"cpu": 0.01, TRIAL_DRIVER_RESOURCE: 1.0}
     finally:

@@ -36,13 +36,16 @@ def test_known_worker_lines_are_dropped_and_others_kept():
 def test_driver_filters_drop_only_the_listed_message(caplog):
     filter_driver_records()
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    propagate, logger.propagate = logger.propagate, True  # caplog listens on the root logger
+    # caplog's handler on the logger itself: once Ray has started, its "ray" logger no longer propagates.
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
     try:
-        with caplog.at_level(logging.INFO, logger=logger.name):
-            logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
-            logger.warning("Token authentication failed: bad token")
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+        logger.warning("Token authentication failed: bad token")
     finally:
-        logger.propagate = propagate
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
     assert [r.getMessage() for r in caplog.records] == ["Token authentication failed: bad token"]
 
 

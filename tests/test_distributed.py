@@ -332,8 +332,10 @@ def test_local_mode_fit_returns_a_loadable_checkpoint_with_validation_metrics(
                  extra={"val_queries": 30})
     try:
         assert result.checkpoint is not None
-        # Each checkpoint was a temporary directory; only the returned (last) one is left.
-        assert [str(d) for d in scratch.glob("vipe-ray-ckpt-*")] == [result.checkpoint.path]
+        # Each checkpoint was a temporary directory; the returned (last) one is left, and the best-validation
+        # one when it is another (what a sweep registers), no more.
+        left = {str(d) for d in scratch.glob("vipe-ray-ckpt-*")}
+        assert result.checkpoint.path in left and len(left) <= 2
         with result.checkpoint.as_directory() as directory:
             checkpoint = load_checkpoint(directory)
         assert checkpoint.step == config.optim.steps
