@@ -37,15 +37,17 @@ def test_driver_filters_drop_only_the_listed_message(caplog):
     filter_driver_records()
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     # caplog's handler on the logger itself: once Ray has started, its "ray" logger no longer propagates.
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # one copy of each record, whatever Ray did to its parents
     try:
         logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
         logger.warning("Token authentication failed: bad token")
     finally:
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
+        logger.propagate = propagate
     assert [r.getMessage() for r in caplog.records] == ["Token authentication failed: bad token"]
 
 
