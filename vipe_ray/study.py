@@ -38,7 +38,7 @@ from vipe_ray.distributed import BEST_METRIC, Scaling
 from vipe_ray.storage import location
 from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _mlflow_metrics,
                             _unfinished, base_values, check_resources, finalize_trial, launched, parent_run,
-                            parse_resources, trial_config, trial_resources)
+                            parse_resources, read_mapping, trial_config, trial_resources)
 
 #: Keys whose variants the report plots Hit@1 against (``series`` in the YAML).
 SERIES_KEYS = ("mining.kappa", "mining.hard_negative_ratio", "model.embedding_dim", "loss.a_init", "loss.b_init",
@@ -102,17 +102,7 @@ def is_study(path: str | Path) -> bool:
 def load_study(path: str | Path) -> StudyConfig:
     """Read and fully validate a study YAML: every variant x seed must build a valid training config."""
     where = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read study ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: malformed YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: {unknown[0]}: unknown key for a study (known: {sorted(_TOP_KEYS)})")
+    raw = read_mapping(path, "study", _TOP_KEYS)
     if "name" not in raw:
         raise ConfigError(f"{where}: name: required")
     block = raw.get("study")

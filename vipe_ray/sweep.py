@@ -225,21 +225,28 @@ def trial_config(base: dict, params: dict[str, Any], source: str = "trial") -> T
     return config_from_dict(merge(base, nested(params)), source)
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and fully validate a sweep YAML (every search dimension is tried against the training config)."""
-    path = Path(path)
+def read_mapping(path: str | Path, what: str, known: set[str]) -> dict:
+    """A YAML file's top-level mapping, every key among ``known``; errors name the file and the key."""
     where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read sweep ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read {what} ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: malformed YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{where}: {unknown[0]}: unknown key (known: {sorted(_TOP_KEYS)})")
+        raise ConfigError(f"{where}: {unknown[0]}: unknown key for a {what} (known: {sorted(known)})")
+    return raw
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and fully validate a sweep YAML (every search dimension is tried against the training config)."""
+    path = Path(path)
+    where = str(path)
+    raw = read_mapping(path, "sweep", _TOP_KEYS)
     for key in ("name", "search_space"):
         if key not in raw:
             raise ConfigError(f"{where}: {key}: required")
