@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,3 +29,20 @@ def tiny_overrides() -> dict:
     import copy
 
     return copy.deepcopy(TINY)
+
+
+@contextlib.contextmanager
+def local_ray():
+    """A private local 2-CPU Ray (reused if the session already started one), shut down if started here."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address="local": a private cluster even when `ray start` runs one on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_ray
 import torch
 
 from vipe_ray.config import config_from_dict, config_to_dict, load_config, merge
@@ -36,23 +37,15 @@ BATCH_SEED = 4242
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray cluster for this module (reused if the session already started one)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
     import ray.cloudpickle
 
     # Train functions defined here travel by value: Ray workers cannot import this test module by name.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    started = not ray.is_initialized()
-    if started:
-        # address="local": a private cluster even when `ray start` runs one on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        yield ray
+        with local_ray() as ray_module:
+            yield ray_module
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        if started:
-            ray.shutdown()
 
 
 def _config(tiny_overrides: dict, **changes):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import threading
 import time
 
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import local_ray
 import torch
 
 from vipe_ray.config import load_config
@@ -33,19 +33,8 @@ def table():
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray cluster for this module (reused if the session already started one)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # address="local": a private cluster even when `ray start` runs one on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
+    with local_ray() as ray:
         yield ray
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _keys(table: pa.Table) -> list[str]:

@@ -344,7 +344,7 @@ def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path
     from ray.train.torch import TorchTrainer
 
     data = data_info(config)
-    datasets = {"train": pose_dataset(data["path"], config.data.train_subjects)}
+    datasets = {"train": pose_dataset(data["path"], config.data.train_subjects, seed=config.seed)}
     if config.data.val_subjects:
         datasets["val"] = pose_dataset(data["path"], config.data.val_subjects)
     return TorchTrainer(
