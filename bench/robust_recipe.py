@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vipe_ray.config import load_config
+from vipe_ray.config import load_config, merge
 from vipe_ray.data import load_table
 from vipe_ray.evaluate import LIMBS, evaluate_rigs
 from vipe_ray.train import load_checkpoint, train
@@ -34,14 +34,39 @@ CANDIDATES = {
     "broad+dropout_ramp": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "ramp": 0.5}},
     "broad+dropout_anchor": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor"}},
     "broad+dropout_anchor_ramp": {"cameras": BROAD, "keypoint_dropout": {**DROPOUT, "views": "anchor", "ramp": 0.5}},
+    # Round 2, from the shipped default (the round-1 winner): Pr-VIPE's own settings and the dropout share.
+    "default": {},
+    "symmetric": {"mining": {"symmetric": True}},
+    "symmetric+dim32": {"mining": {"symmetric": True}, "model": {"embedding_dim": 32}},
+    "symmetric+dim64": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64}},
+    "symmetric+structured": {"mining": {"symmetric": True}, "keypoint_dropout": {"mode": "structured"}},
+    "symmetric+share0.3": {"mining": {"symmetric": True}, "keypoint_dropout": {"instance_prob": 0.3}},
+    "symmetric+dim64+share0.3": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
+                                 "keypoint_dropout": {"instance_prob": 0.3}},
 }
+#: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
+#: the lifter's training reads none of those keys, so it would be the same model.
+SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetric+dim64": "default",
+                 "symmetric+dim64+share0.3": "symmetric+share0.3"}
+
+
+def check_shared_lifter(config, lifter_run: Path) -> None:
+    """Refuse a shared lifter unless it was trained exactly as this candidate's own would be."""
+    if not (lifter_run / "lifter.pt").exists():
+        raise SystemExit(f"{lifter_run}: no lifter.pt yet; run candidate {lifter_run.name!r} with the same "
+                         "--steps/--width/--out first")
+    theirs = load_checkpoint(lifter_run, kind="lifter").config
+    own_only = {"mining": theirs.mining, "model": replace(config.model, embedding_dim=theirs.model.embedding_dim),
+                "lifter_baseline": theirs.lifter_baseline}
+    if replace(config, **own_only) != theirs:
+        raise SystemExit(f"{lifter_run}/lifter.pt was trained with another lifter config than this candidate's")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--out", default="runs/recipe")
     parser.add_argument("--only", nargs="+", choices=sorted(CANDIDATES), help="candidates to run")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -52,19 +77,24 @@ def main() -> None:
     for name, overrides in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
-        config = load_config(overrides={**overrides, "model": {"width": args.width},
-                                        "optim": {"steps": args.steps}, "log_every": 500,
-                                        "checkpoint_every": args.steps})
+        scale = {"model": {"width": args.width}, "optim": {"steps": args.steps}, "log_every": 500,
+                 "checkpoint_every": args.steps}
+        config = load_config(overrides=merge(scale, overrides))
         out = Path(args.out) / name
+        lifter_run = Path(args.out) / SHARED_LIFTER.get(name, name)
+        if lifter_run != out:
+            config = replace(config, lifter_baseline=False)
         start = time.perf_counter()
-        if not (out / "lifter.pt").exists():
+        if not (out / ("lifter.pt" if config.lifter_baseline else "checkpoint.pt")).exists():
             train(config, out, resume=True)
         trained = time.perf_counter() - start
+        if lifter_run != out:
+            check_shared_lifter(config, lifter_run)
         table = load_table(config.data.table_path()).select(list(config.data.val_subjects))
-        ev = replace(config.eval, rigs=config.eval.val_rigs, max_queries=args.queries,
+        ev = replace(config.eval, rigs=config.eval.val_rigs, every=config.eval.val_every, max_queries=args.queries,
                      occlusion_groups=tuple(g.split(":")[1] for g in LIMBS), occlusion_rates=(0.1,))
         result = evaluate_rigs(load_checkpoint(out).model, config, table,
-                               lifter=load_checkpoint(out, kind="lifter").model, eval_config=ev)
+                               lifter=load_checkpoint(lifter_run, kind="lifter").model, eval_config=ev)
         result["train_seconds"] = trained
         results[name] = result
         (out / "val_retrieval.json").write_text(json.dumps(result, indent=2) + "\n")

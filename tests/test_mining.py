@@ -260,3 +260,32 @@ def test_lazy_labels_fall_back_to_the_full_matrix_for_non_finite_kernels():
 def test_lazy_rejects_unknown_modes():
     with pytest.raises(ValueError, match="mode"):
         mine_negatives_lazy(torch.zeros(2, 2), torch.zeros(2), CountingLabels(torch.randn(2, 17, 3)), 0.1, "easy")
+
+
+# --- symmetric triplets: the positive views mine among the anchor views ----------------------------------
+
+from vipe_ray.mining import mine_triplets  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["semi_hard", "hard"])
+def test_symmetric_triplets_mine_the_transposed_kernel(mode):
+    g = torch.Generator().manual_seed(6)
+    n = 24
+    poses = clustered_poses(n, g)
+    candidates = candidate_mask(pairwise_np_mpjpe(poses, poses), 0.1)
+    # An asymmetric ranking: row i (anchor view i) and column i (positive view i) rank differently.
+    kernel = torch.rand(n, n, generator=g)
+    one_way = mine_triplets(kernel, CountingLabels(poses), 0.1, mode)
+    both = mine_triplets(kernel, CountingLabels(poses), 0.1, mode, symmetric=True)
+    assert one_way.index.shape == (n,) and both.index.shape == (2 * n,)
+    forward = mine_negatives(kernel, kernel.diagonal(), candidates, mode)
+    # Positive view i is the anchor: its candidates are the anchor views j, ranked by kernel[j, i].
+    reverse = mine_negatives(kernel.T, kernel.diagonal(), candidates, mode)
+    assert torch.equal(one_way.index, forward.index) and torch.equal(one_way.valid, forward.valid)
+    assert torch.equal(both.index, torch.cat([forward.index, reverse.index]))
+    assert torch.equal(both.valid, torch.cat([forward.valid, reverse.valid]))
+    # Hand check of one reverse negative: the nearest candidate in column 0 (hard mining).
+    if mode == "hard":
+        column = torch.where(candidates[0], kernel[:, 0], torch.tensor(float("inf")))
+        assert int(both.index[n]) == int(column.argmin())
+    assert not torch.equal(forward.index, reverse.index), "the directions pick different negatives here"

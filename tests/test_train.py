@@ -41,6 +41,7 @@ def test_train_step_updates_parameters_and_reports_metrics(tiny_overrides):
     {"keypoint_dropout": {"mode": "both"}},
     {"model": {"probabilistic": False}},
     {"mining": {"mode": "ratio", "hard_negative_ratio": 0.25, "samples": 2}},
+    {"mining": {"symmetric": True}, "keypoint_dropout": {"mode": "both", "views": "anchor"}},
 ])
 def test_every_variant_trains(tiny_overrides, variant):
     from vipe_ray.config import merge

@@ -189,6 +189,10 @@ class MiningConfig:
     #: Embedding samples per pose used to rank candidates (0 = all K, the reference). The chosen triplets'
     #: losses always use all K samples; ranking with fewer cuts the K^2 x batch^2 kernel on small machines.
     samples: int = 0
+    #: Both views of a record serve as anchor: the positive view also gets a negative, mined among the
+    #: anchor views (the same kernel, transposed), so a step forms 2N triplets instead of N (vipe-ray's
+    #: extension; the reference mines for the anchor view only).
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.kappa <= 0:

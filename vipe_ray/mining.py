@@ -144,3 +144,23 @@ def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLa
             start += width
             width *= 2
     return Negatives(index, valid)
+
+
+def mine_triplets(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: str, ratio: float = 1.0,
+                  generator: torch.Generator | None = None, symmetric: bool = False) -> Negatives:
+    """Negatives of a batch's anchor views and, when ``symmetric``, of its positive views too.
+
+    Args:
+        kernel: ``[N, N]`` kernel distance from anchor view i to positive view j (symmetric in the two
+            embeddings, so its transpose ranks the anchor views for positive view i).
+        labels: NP-MPJPE of (pose ``rows[p]``, pose ``cols[p]``); both views of record i show pose i.
+    Returns:
+        ``[N]`` negatives of the anchors (indices into the positive views), followed when ``symmetric`` by
+        ``[N]`` negatives of the positives (indices into the anchor views): ``[2N]``.
+    """
+    forward = mine_negatives_lazy(kernel, kernel.diagonal(), labels, kappa, mode, ratio, generator)
+    if not symmetric:
+        return forward
+    transposed = kernel.T.contiguous()
+    reverse = mine_negatives_lazy(transposed, transposed.diagonal(), labels, kappa, mode, ratio, generator)
+    return Negatives(torch.cat([forward.index, reverse.index]), torch.cat([forward.valid, reverse.valid]))

@@ -26,7 +26,7 @@ from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import normalize_3d
 from vipe_ray.losses import gaussian_kl, kernel_distance, triplet_ratio_loss
 from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
-from vipe_ray.mining import mine_negatives_lazy
+from vipe_ray.mining import mine_triplets
 from vipe_ray.model import Lifter, PrVipe
 from vipe_ray.views import view_features
 
@@ -134,13 +134,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     poses = CentredPoses.of(joints3d.to(device))
     rank_k = config.mining.samples or k
     kernel = kernel_distance(match.pairwise(z_a[:, :rank_k].detach(), z_p[:, :rank_k].detach()))
-    negatives = mine_negatives_lazy(kernel, kernel.diagonal(), lambda i, j: indexed_np_mpjpe(poses, poses, i, j),
-                                    config.mining.kappa, config.mining.mode, config.mining.hard_negative_ratio,
-                                    generator)
+    negatives = mine_triplets(kernel, lambda i, j: indexed_np_mpjpe(poses, poses, i, j), config.mining.kappa,
+                              config.mining.mode, config.mining.hard_negative_ratio, generator,
+                              config.mining.symmetric)
     mark("mining")
     d_ap = kernel_distance(match(z_a, z_p))
-    d_an = kernel_distance(match(z_a, z_p[negatives.index]))
-    triplet, active = triplet_ratio_loss(d_ap, d_an, negatives.valid, config.loss.margin)
+    d_an = kernel_distance(match(z_a, z_p[negatives.index[:b]]))
+    if config.mining.symmetric:  # the positive views as anchors, their negatives among the anchor views
+        d_an = torch.cat([d_an, kernel_distance(match(z_p, z_a[negatives.index[b:]]))])
+    triplet, active = triplet_ratio_loss(d_ap.repeat(len(d_an) // b), d_an, negatives.valid, config.loss.margin)
     positive = d_ap.mean()
     kl = gaussian_kl(mean, sigma) if config.model.probabilistic else torch.zeros((), device=device)
     loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
