@@ -1,12 +1,16 @@
-"""Choose the robust default recipe on validation data: camera distribution and keypoint dropout.
+"""Choose the robust default recipe on validation data: camera distribution, keypoint dropout, triplets.
 
-    python bench/robust_recipe.py [--steps 1500] [--width 512] [--out runs/recipe] [--queries 300]
+    python bench/robust_recipe.py [--steps 1500] [--width 512] [--out runs/recipe] [--queries 500] [--only ...]
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe3 \
+        --only default symmetric symmetric+dim64          # round 2 (lifter-sharing candidates after their donor)
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
-training subjects and evaluates on the *validation* subjects only, rendered by the ``wide-val`` rig -- random
-cameras from the wide distribution with their own seed, never the evaluation rigs (``h36m``, ``novel``,
-``wide``) nor the test subjects. Prints Hit@1 clean and under occlusion (single limbs, clean index) per
-candidate and method, and writes the results as JSON beside the runs.
+training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
+rendered by the ``wide-val`` rig -- random cameras from the wide distribution with their own seed, never the
+evaluation rigs (``h36m``, ``novel``, ``wide``) nor the test subjects. Candidates that change Pr-VIPE alone
+reuse the lifter of the candidate named in :data:`SHARED_LIFTER` (checked to be the same training). Prints
+Hit@1 clean and under occlusion (single limbs, clean index) per candidate and method, and writes the results
+as JSON beside the runs.
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ CANDIDATES = {
     "symmetric+dim64": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64}},
     "symmetric+structured": {"mining": {"symmetric": True}, "keypoint_dropout": {"mode": "structured"}},
     "symmetric+share0.3": {"mining": {"symmetric": True}, "keypoint_dropout": {"instance_prob": 0.3}},
+    "symmetric+dim64+neg4": {"mining": {"symmetric": True, "negatives": 4}, "model": {"embedding_dim": 64}},
+    "symmetric+dim64+margin_ln4": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
+                                   "loss": {"margin": 1.3862943611198906}},
     "symmetric+dim64+share0.3": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
                                  "keypoint_dropout": {"instance_prob": 0.3}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
 SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetric+dim64": "default",
+                 "symmetric+dim64+neg4": "default", "symmetric+dim64+margin_ln4": "default",
                  "symmetric+dim64+share0.3": "symmetric+share0.3"}
 
 
@@ -56,8 +64,8 @@ def check_shared_lifter(config, lifter_run: Path) -> None:
         raise SystemExit(f"{lifter_run}: no lifter.pt yet; run candidate {lifter_run.name!r} with the same "
                          "--steps/--width/--out first")
     theirs = load_checkpoint(lifter_run, kind="lifter").config
-    own_only = {"mining": theirs.mining, "model": replace(config.model, embedding_dim=theirs.model.embedding_dim),
-                "lifter_baseline": theirs.lifter_baseline}
+    own_only = {"mining": theirs.mining, "loss": theirs.loss, "lifter_baseline": theirs.lifter_baseline,
+                "model": replace(config.model, embedding_dim=theirs.model.embedding_dim, samples=theirs.model.samples)}
     if replace(config, **own_only) != theirs:
         raise SystemExit(f"{lifter_run}/lifter.pt was trained with another lifter config than this candidate's")
 

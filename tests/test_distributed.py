@@ -317,7 +317,7 @@ def test_local_mode_fit_returns_a_loadable_checkpoint_with_validation_metrics(
         ray_cluster, tiny_overrides, tmp_path, monkeypatch):
     import tempfile
 
-    config = _config(tiny_overrides)  # 6 steps, a checkpoint every 3
+    config = _config(tiny_overrides, optim={"ema": 0.5})  # 6 steps, a checkpoint every 3, a weight average
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # local mode writes checkpoints in this process
@@ -338,6 +338,11 @@ def test_local_mode_fit_returns_a_loadable_checkpoint_with_validation_metrics(
         assert 0.0 <= result.metrics["val_hit@1"] <= 1.0
         assert result.metrics["val_hit@1"] <= result.metrics["val_hit@5"]
         assert checkpoint.payload["metrics"]["val_hit@1"] == result.metrics["val_hit@1"]
+        # The worker kept the weight average: the checkpoint's model is it, the trained weights beside it.
+        assert checkpoint.payload["ema"]["updates"] == config.optim.steps
+        for key, value in checkpoint.model.state_dict().items():
+            assert torch.equal(value, checkpoint.payload["ema"]["average"][key]), key
+        assert any(not torch.equal(v, checkpoint.payload["model"][k]) for k, v in checkpoint.model.state_dict().items())
     finally:
         if result.checkpoint is not None:  # local mode keeps the worker's temporary directory
             shutil.rmtree(result.checkpoint.path, ignore_errors=True)

@@ -277,15 +277,46 @@ def test_symmetric_triplets_mine_the_transposed_kernel(mode):
     kernel = torch.rand(n, n, generator=g)
     one_way = mine_triplets(kernel, CountingLabels(poses), 0.1, mode)
     both = mine_triplets(kernel, CountingLabels(poses), 0.1, mode, symmetric=True)
-    assert one_way.index.shape == (n,) and both.index.shape == (2 * n,)
+    assert one_way.index.shape == (n, 1) and both.index.shape == (2 * n, 1)
     forward = mine_negatives(kernel, kernel.diagonal(), candidates, mode)
     # Positive view i is the anchor: its candidates are the anchor views j, ranked by kernel[j, i].
     reverse = mine_negatives(kernel.T, kernel.diagonal(), candidates, mode)
-    assert torch.equal(one_way.index, forward.index) and torch.equal(one_way.valid, forward.valid)
-    assert torch.equal(both.index, torch.cat([forward.index, reverse.index]))
-    assert torch.equal(both.valid, torch.cat([forward.valid, reverse.valid]))
+    assert torch.equal(one_way.index[:, 0], forward.index) and torch.equal(one_way.valid[:, 0], forward.valid)
+    assert torch.equal(both.index[:, 0], torch.cat([forward.index, reverse.index]))
+    assert torch.equal(both.valid[:, 0], torch.cat([forward.valid, reverse.valid]))
     # Hand check of one reverse negative: the nearest candidate in column 0 (hard mining).
     if mode == "hard":
         column = torch.where(candidates[0], kernel[:, 0], torch.tensor(float("inf")))
-        assert int(both.index[n]) == int(column.argmin())
+        assert int(both.index[n, 0]) == int(column.argmin())
     assert not torch.equal(forward.index, reverse.index), "the directions pick different negatives here"
+
+
+@pytest.mark.parametrize("mode", ["semi_hard", "hard"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_several_negatives_are_the_first_in_the_modes_order(mode, symmetric):
+    g = torch.Generator().manual_seed(7)
+    n, count = 20, 3
+    poses = clustered_poses(n, g, prototypes=3)
+    candidates = candidate_mask(pairwise_np_mpjpe(poses, poses), 0.1)
+    kernel = torch.rand(n, n, generator=g)
+    got = mine_triplets(kernel, CountingLabels(poses), 0.1, mode, symmetric=symmetric, count=count)
+    assert got.index.shape == got.valid.shape == ((2 if symmetric else 1) * n, count)
+    short = 0
+    for direction, ranking in enumerate([kernel] + ([kernel.T] if symmetric else [])):
+        d_ap = kernel.diagonal()
+        for i in range(n):
+            # By hand: the anchor's candidates in order of kernel distance (semi-hard: farther than its positive).
+            allowed = candidates[i] & ((ranking[i] > d_ap[i]) if mode == "semi_hard" else True)
+            expected = [int(j) for j in torch.argsort(ranking[i], stable=True) if allowed[j]][:count]
+            row = direction * n + i
+            chosen = got.index[row][got.valid[row]].tolist()
+            assert chosen == expected, (direction, i)
+            assert got.valid[row].tolist() == [True] * len(expected) + [False] * (count - len(expected))
+            short += len(expected) < count
+    if mode == "semi_hard":
+        assert short > 0, "some anchors have fewer candidates than asked for"
+
+
+def test_several_negatives_refuse_ratio_mining():
+    with pytest.raises(ValueError, match="semi_hard or hard"):
+        mine_triplets(torch.rand(4, 4), CountingLabels(torch.randn(4, 17, 3)), 0.1, "ratio", count=2)

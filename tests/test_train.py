@@ -42,6 +42,7 @@ def test_train_step_updates_parameters_and_reports_metrics(tiny_overrides):
     {"model": {"probabilistic": False}},
     {"mining": {"mode": "ratio", "hard_negative_ratio": 0.25, "samples": 2}},
     {"mining": {"symmetric": True}, "keypoint_dropout": {"mode": "both", "views": "anchor"}},
+    {"mining": {"symmetric": True, "negatives": 3}},
 ])
 def test_every_variant_trains(tiny_overrides, variant):
     from vipe_ray.config import merge
@@ -226,3 +227,59 @@ def test_lifter_learns_in_bf16_like_in_fp32(tiny_overrides):
     for precision, curve in curves.items():
         assert sum(curve[-10:]) < 0.8 * sum(curve[:10]), f"{precision}: the lifter's error does not fall"
     assert abs(sum(curves["bf16"][-10:]) - sum(curves["fp32"][-10:])) < 0.1 * sum(curves["fp32"][-10:])
+
+
+def test_weight_average_by_hand():
+    from vipe_ray.train import WeightAverage
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    bn = torch.nn.BatchNorm1d(1)
+    model = torch.nn.Sequential(layer, bn)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.2)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    bn.num_batches_tracked.fill_(7)
+    average.update(model)  # d_1 = min(0.2, 2/11) = 2/11
+    assert average.average["0.weight"].item() == pytest.approx(9 / 11)
+    assert average.average["1.num_batches_tracked"].item() == 7, "integer buffers are copied"
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+    average.update(model)  # d_2 = min(0.2, 3/12) = 0.2
+    assert average.average["0.weight"].item() == pytest.approx(0.2 * 9 / 11 + 0.8 * 2.0)
+    assert layer.weight.item() == 2.0, "averaging leaves the trained weights alone"
+    copy_ = average.model(model)
+    assert copy_[0].weight.item() == pytest.approx(0.2 * 9 / 11 + 1.6) and not copy_.training
+
+
+def test_weight_average_is_checkpointed_used_and_resumed_exactly(tmp_path, tiny_overrides):
+    overrides = {**tiny_overrides, "optim": {**tiny_overrides["optim"], "ema": 0.9}}
+    config = load_config(overrides=overrides)
+    train(config, tmp_path / "ref", progress=lambda _: None)
+    averaged = load_checkpoint(tmp_path / "ref")
+    trained = load_checkpoint(tmp_path / "ref", averaged=False)
+    assert averaged.payload["ema"]["updates"] == 6
+    weights = [k for k in averaged.model.state_dict() if k.endswith("weight")]
+    assert any(not torch.equal(averaged.model.state_dict()[k], trained.model.state_dict()[k]) for k in weights)
+    for k, v in averaged.payload["ema"]["average"].items():
+        assert torch.equal(averaged.model.state_dict()[k], v), "evaluation loads the average by default"
+    assert load_checkpoint(tmp_path / "ref", kind="lifter").payload["ema"]["updates"] == 6
+
+    crashed = tmp_path / "crashed"
+
+    def crash_after_checkpoint(message: str) -> None:
+        if "step 4/" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, crashed, progress=crash_after_checkpoint)
+    train(config, crashed, resume=True, progress=lambda _: None)
+    resumed = load_checkpoint(crashed).payload["ema"]
+    for k, v in averaged.payload["ema"]["average"].items():
+        assert torch.equal(resumed["average"][k], v), k
+
+    plain = tmp_path / "plain"
+    train(load_config(overrides=tiny_overrides), plain, progress=lambda _: None)
+    with pytest.raises(ValueError, match="no weight average"):
+        load_checkpoint(plain, averaged=True)

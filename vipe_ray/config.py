@@ -193,8 +193,14 @@ class MiningConfig:
     #: anchor views (the same kernel, transposed), so a step forms 2N triplets instead of N (vipe-ray's
     #: extension; the reference mines for the anchor view only).
     symmetric: bool = False
+    #: Negatives per anchor, the first ones in the mode's order (vipe-ray's extension; 1 = the reference).
+    negatives: int = 1
 
     def __post_init__(self) -> None:
+        if self.negatives < 1:
+            raise ConfigError(f"mining.negatives: {self.negatives} must be >= 1")
+        if self.negatives > 1 and self.mode == "ratio":
+            raise ConfigError(f"mining.negatives: {self.negatives} needs mode semi_hard or hard, not ratio")
         if self.kappa <= 0:
             raise ConfigError(f"mining.kappa: {self.kappa} must be > 0")
         if self.mode not in MODES:
@@ -221,8 +227,13 @@ class OptimConfig:
     #: Arithmetic of the embedder's forward and backward: ``fp32``, or ``bf16`` autocast (the Linear layers'
     #: products in bfloat16 with fp32 accumulation; weights, BatchNorm, the kernel and the losses stay fp32).
     precision: Literal["fp32", "bf16"] = "fp32"
+    #: Decay of the exponential moving average of the weights that checkpoints keep beside the trained ones
+    #: and that evaluation and deployment use (the reference keeps one, 0.9999 over 5M steps); 0 = off.
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"optim.ema: {self.ema} must lie in [0, 1) (0 = no weight average)")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr: {self.lr} must be > 0")
         if not 0.0 < self.lr_final_fraction <= 1.0:

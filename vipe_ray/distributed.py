@@ -33,7 +33,8 @@ from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
 from vipe_ray.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
-from vipe_ray.train import CHECKPOINT, FORMAT, build_model, build_optimizer, rng_state, train_step
+from vipe_ray.train import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, rng_state, train_step,
+                            weight_average)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class TrainState:
     scheduler: Any
     generator: torch.Generator
     step: int
+    #: The weight average (``optim.ema``), kept by rank 0 only: the ranks' weights are equal after each step.
+    average: WeightAverage | None = None
 
 
 def start_state(config: TrainConfig, rank: int, device: torch.device | str, payload: dict | None = None) -> TrainState:
@@ -157,7 +160,8 @@ def start_state(config: TrainConfig, rank: int, device: torch.device | str, payl
         step = payload["step"]
         # Each worker's stream restarts from a seed of (seed, rank, step): distinct per worker, reproducible.
         generator.manual_seed(config.seed * 1000 + rank + 7919 * step)
-    return TrainState(model, optimizer, scheduler, generator, step)
+    average = weight_average(config, model, payload) if rank == 0 else None
+    return TrainState(model, optimizer, scheduler, generator, step, average)
 
 
 def _write_checkpoint(payload: dict) -> Any:
@@ -258,6 +262,8 @@ def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState
         window.append(train_step(ddp_model, optimizer, shard.sample(batch, generator), config, generator,
                                  progress=step / total))
         scheduler.step()
+        if state.average is not None:
+            state.average.update(model)
         step += 1
         for callback in callbacks:
             callback.on_step(worker, step)
@@ -272,13 +278,16 @@ def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState
             ckpt = None
             if worker.rank == 0:
                 if val_table is not None:
-                    metrics.update(validation_metrics(model, config, val_table,
+                    # The weights that checkpoints are scored and deployed with: the average where kept.
+                    evaluated = state.average.model(model) if state.average is not None else model
+                    metrics.update(validation_metrics(evaluated, config, val_table,
                                                       max_queries=loop_config.get("val_queries", 0)))
                 payload = {"format": FORMAT, "kind": "prvipe", "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "config": config_to_dict(config), "step": step, "data_checksum": data["checksum"],
                            "data_path": data["path"], "rng": rng_state(generator), "metrics": metrics,
-                           "workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)]}
+                           "workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)],
+                           "ema": state.average.state_dict() if state.average is not None else None}
                 ckpt = _write_checkpoint(payload)
                 if loop_config.get("on_report") is not None:
                     loop_config["on_report"](step, metrics)

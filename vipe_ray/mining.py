@@ -10,6 +10,10 @@ kappa are neither positives nor negatives. Among the candidates, ranked by kerne
 * ``ratio`` (vipe-ray's extension): uniformly one of the hardest ``ceil(r * candidates)`` (at least one).
   r -> 0 approaches hard mining, r = 1 is a random valid negative.
 
+Symmetric triplets (:func:`mine_triplets`, vipe-ray's extension, on in the default config): the positive
+view of each record is an anchor too, its candidates the anchor views of the other records ranked by the same
+kernel (transposed), so a batch of N records gives 2N triplets for the same forward pass.
+
 Lazy labels (:func:`mine_negatives_lazy`). Semi-hard and hard mining need one label per anchor, not the
 N x N NP-MPJPE matrix: rank anchor i's positives by kernel distance (semi-hard: only those farther than its
 own positive), ties by column index as ``min``/``argmin`` break them; the chosen negative is the first ranked
@@ -147,20 +151,45 @@ def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLa
 
 
 def mine_triplets(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: str, ratio: float = 1.0,
-                  generator: torch.Generator | None = None, symmetric: bool = False) -> Negatives:
+                  generator: torch.Generator | None = None, symmetric: bool = False, count: int = 1) -> Negatives:
     """Negatives of a batch's anchor views and, when ``symmetric``, of its positive views too.
 
     Args:
         kernel: ``[N, N]`` kernel distance from anchor view i to positive view j (symmetric in the two
             embeddings, so its transpose ranks the anchor views for positive view i).
         labels: NP-MPJPE of (pose ``rows[p]``, pose ``cols[p]``); both views of record i show pose i.
+        count: negatives per anchor (``semi_hard``/``hard`` only): the first ``count`` candidates in the
+            mode's order, i.e. the negative of :func:`mine_negatives`, then the one it would pick with the
+            earlier ones removed, and so on.
     Returns:
-        ``[N]`` negatives of the anchors (indices into the positive views), followed when ``symmetric`` by
-        ``[N]`` negatives of the positives (indices into the anchor views): ``[2N]``.
+        ``index``/``valid`` ``[N, count]``: negatives of the anchors (indices into the positive views),
+        followed when ``symmetric`` by those of the positives (indices into the anchor views): ``[2N, count]``.
     """
-    forward = mine_negatives_lazy(kernel, kernel.diagonal(), labels, kappa, mode, ratio, generator)
-    if not symmetric:
-        return forward
-    transposed = kernel.T.contiguous()
-    reverse = mine_negatives_lazy(transposed, transposed.diagonal(), labels, kappa, mode, ratio, generator)
-    return Negatives(torch.cat([forward.index, reverse.index]), torch.cat([forward.valid, reverse.valid]))
+    if count < 1:
+        raise ValueError(f"negatives per anchor must be >= 1, got {count}")
+    if count > 1 and mode == "ratio":
+        raise ValueError("several negatives per anchor need semi_hard or hard mining, not ratio")
+    rankings = [kernel] + ([kernel.T.contiguous()] if symmetric else [])
+    found = [_first_negatives(r, labels, kappa, mode, ratio, generator, count) for r in rankings]
+    return Negatives(torch.cat([f.index for f in found]), torch.cat([f.valid for f in found]))
+
+
+def _first_negatives(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: str, ratio: float,
+                     generator: torch.Generator | None, count: int) -> Negatives:
+    """The first ``count`` negatives of every row, ``[N, count]``: mine, move the chosen columns past every
+    other (a finite value, so the lazy labels still apply), mine again."""
+    d_ap = kernel.diagonal().clone()
+    first = mine_negatives_lazy(kernel, d_ap, labels, kappa, mode, ratio, generator)
+    if count == 1:
+        return Negatives(first.index[:, None], first.valid[:, None])
+    rows = torch.arange(kernel.shape[0], device=kernel.device)
+    ranking = kernel.clone()
+    last = ranking[torch.isfinite(ranking)].max() + 1.0 if torch.isfinite(ranking).any() else 1.0
+    index, valid = [first.index], [first.valid]
+    for _ in range(count - 1):
+        ranking[rows, index[-1]] = last
+        more = mine_negatives_lazy(ranking, d_ap, labels, kappa, mode, ratio, generator)
+        index.append(more.index)
+        # A moved column comes back only when nothing else is left: that anchor has no further negative.
+        valid.append(more.valid & valid[-1] & (ranking[rows, more.index] < last))
+    return Negatives(torch.stack(index, 1), torch.stack(valid, 1))

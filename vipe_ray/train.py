@@ -7,6 +7,7 @@ calls the same function inside each DDP worker; :func:`train` is the plain singl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -38,6 +39,53 @@ FORMAT = "vipe-ray/1"
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(model, "module", model)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights, as the reference keeps (TF's ExponentialMovingAverage
+    with ``num_updates``): after update t, ``avg = d_t avg + (1 - d_t) w`` with ``d_t = min(decay,
+    (1 + t) / (10 + t))``, so that the first steps' weights do not linger. Floating-point buffers (BatchNorm's
+    running statistics) are averaged too; integer ones (its batch counter) copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.average = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in unwrap(model).state_dict().items():
+            average = self.average[key]
+            if average.is_floating_point():
+                average.lerp_(value, 1.0 - d)
+            else:
+                average.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}
+
+    def model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of ``model`` holding the averaged weights, in eval mode."""
+        averaged = copy.deepcopy(unwrap(model))
+        averaged.load_state_dict(self.average)
+        return averaged.eval()
+
+
+def weight_average(config: TrainConfig, model: torch.nn.Module, payload: dict | None = None) -> WeightAverage | None:
+    """The run's weight average (None when ``optim.ema`` is 0), restored from a checkpoint ``payload``."""
+    if config.optim.ema <= 0:
+        return None
+    average = WeightAverage(model, config.optim.ema)
+    if payload is not None and payload.get("ema") is not None:
+        average.load_state_dict(payload["ema"])
+    return average
 
 
 def build_model(config: TrainConfig) -> PrVipe:
@@ -134,15 +182,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     poses = CentredPoses.of(joints3d.to(device))
     rank_k = config.mining.samples or k
     kernel = kernel_distance(match.pairwise(z_a[:, :rank_k].detach(), z_p[:, :rank_k].detach()))
-    negatives = mine_triplets(kernel, lambda i, j: indexed_np_mpjpe(poses, poses, i, j), config.mining.kappa,
-                              config.mining.mode, config.mining.hard_negative_ratio, generator,
-                              config.mining.symmetric)
+    mining = config.mining
+    negatives = mine_triplets(kernel, lambda i, j: indexed_np_mpjpe(poses, poses, i, j), mining.kappa,
+                              mining.mode, mining.hard_negative_ratio, generator, mining.symmetric,
+                              mining.negatives)
     mark("mining")
     d_ap = kernel_distance(match(z_a, z_p))
-    d_an = kernel_distance(match(z_a, z_p[negatives.index[:b]]))
-    if config.mining.symmetric:  # the positive views as anchors, their negatives among the anchor views
-        d_an = torch.cat([d_an, kernel_distance(match(z_p, z_a[negatives.index[b:]]))])
-    triplet, active = triplet_ratio_loss(d_ap.repeat(len(d_an) // b), d_an, negatives.valid, config.loss.margin)
+    # Anchors and the views their negatives come from: the positive views, and (symmetric) the other way.
+    pairs = [(z_a, z_p)] + ([(z_p, z_a)] if mining.symmetric else [])
+    m = mining.negatives
+    d_an = torch.cat([
+        kernel_distance(match(anchors.repeat_interleave(m, 0), pool[index.reshape(-1)]))
+        for (anchors, pool), index in zip(pairs, negatives.index.split(b))])
+    triplet, active = triplet_ratio_loss(d_ap.repeat_interleave(m).repeat(len(pairs)), d_an,
+                                         negatives.valid.reshape(-1), config.loss.margin)
     positive = d_ap.mean()
     kl = gaussian_kl(mean, sigma) if config.model.probabilistic else torch.zeros((), device=device)
     loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
@@ -152,7 +205,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     loss.backward()
     optimizer.step()
     mark("backward")
-    valid = negatives.valid.float()
+    valid = negatives.valid.reshape(-1).float()
     return {
         "loss": loss.item(), "triplet_loss": triplet.item(), "positive_loss": positive.item(),
         "kl_loss": kl.item(), "a": match.a.item(), "b": match.b.item(),
@@ -223,8 +276,13 @@ class Checkpoint:
     payload: dict
 
 
-def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = "cpu") -> Checkpoint:
-    """Load ``checkpoint.pt`` (``kind="prvipe"``) or ``lifter.pt`` (``kind="lifter"``) from a run directory."""
+def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = "cpu",
+                    averaged: bool | None = None) -> Checkpoint:
+    """Load ``checkpoint.pt`` (``kind="prvipe"``) or ``lifter.pt`` (``kind="lifter"``) from a run directory.
+
+    ``averaged``: the weight average (``optim.ema``) or the trained weights; None: the average where the run
+    kept one.
+    """
     path = Path(path)
     file = path / (CHECKPOINT if kind == "prvipe" else LIFTER_CHECKPOINT) if path.is_dir() else path
     if not file.exists():
@@ -235,7 +293,11 @@ def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = 
                          f"kind {payload.get('kind')!r})")
     config = config_from_dict(payload["config"], str(file))
     model: torch.nn.Module = build_model(config) if kind == "prvipe" else Lifter(config.model)
-    model.load_state_dict(payload["model"])
+    average = payload.get("ema")
+    if averaged and average is None:
+        raise ValueError(f"{file}: no weight average in this checkpoint (trained with optim.ema = 0)")
+    use_average = average is not None if averaged is None else averaged
+    model.load_state_dict(average["average"] if use_average else payload["model"])
     model.eval()
     return Checkpoint(model, config, payload["step"], payload["data_checksum"], payload)
 
@@ -253,6 +315,7 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
     generator = torch.Generator().manual_seed(config.seed + (0 if kind == "prvipe" else 7919))
     torch.manual_seed(config.seed)
     step = 0
+    payload = None
     if path.exists():
         if not resume:
             raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
@@ -268,6 +331,7 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
         set_rng_state(generator, payload["rng"])
         step = payload["step"]
         progress(f"[{name}] resumed from {path} at step {step}")
+    average = weight_average(config, model, payload)
     sampler = WindowSampler(table.select(config.data.train_subjects), config.temporal.window, config.temporal.stride)
 
     def save(metrics: dict) -> None:
@@ -275,7 +339,7 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
             "format": FORMAT, "kind": kind, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "config": config_to_dict(config), "step": step,
             "data_checksum": table.checksum, "data_path": table.path, "rng": rng_state(generator),
-            "metrics": metrics,
+            "metrics": metrics, "ema": average.state_dict() if average is not None else None,
         }, path)
 
     total = config.optim.steps
@@ -287,6 +351,8 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
             batch = sampler.sample(config.optim.batch_size, generator)
             metrics = step_fn(model, optimizer, batch, config, generator, progress=step / total)
             scheduler.step()
+            if average is not None:
+                average.update(model)
             step += 1
             if step % config.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - start_time
