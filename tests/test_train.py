@@ -138,7 +138,8 @@ def test_cli_train_and_evaluate(tmp_path, tiny_overrides, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny_overrides))
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "optim.steps=4"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "optim.steps=4",
+                 "--set", "optim.ema=0.5"]) == 0
     printed = capsys.readouterr().out
     assert "[prvipe] step 4/4" in printed and "[lifter] step 4/4" in printed
     result_path = tmp_path / "eval.json"
@@ -153,6 +154,10 @@ def test_cli_train_and_evaluate(tmp_path, tiny_overrides, capsys):
         for hits in rig.values():
             values = [hits[f"hit@{k}"] for k in (1, 5, 10, 20)]
             assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values)
+    assert result["weights"] == "average"
+    assert main(["evaluate", "--checkpoint", str(out), "--json", str(result_path), "--subjects", "10",
+                 "--rig", "h36m", "--no-occlusion", "--trained-weights"]) == 0
+    assert json.loads(result_path.read_text())["weights"] == "trained"
 
 
 def test_cli_evaluates_a_newly_converted_table(tmp_path, tiny_overrides, capsys):

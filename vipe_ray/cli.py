@@ -57,10 +57,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.storage import same_location
     from vipe_ray.train import load_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    # Both methods with the same kind of weights: the average where the run kept one, or the trained ones.
+    averaged = False if args.trained_weights else None
+    checkpoint = load_checkpoint(args.checkpoint, averaged=averaged)
     config = checkpoint.config
     lifter_path = Path(args.checkpoint) / "lifter.pt"
-    lifter = load_checkpoint(args.checkpoint, kind="lifter").model if lifter_path.exists() else None
+    lifter = load_checkpoint(args.checkpoint, kind="lifter", averaged=averaged).model if lifter_path.exists() else None
     if lifter is None:
         print(f"note: {lifter_path} not found; the 3D-lifting baseline is left out", file=sys.stderr)
     table = load_table(args.data or config.data.table_path())
@@ -88,6 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            samples=args.samples)
     result["checkpoint"] = str(args.checkpoint)
     result["step"] = checkpoint.step
+    result["weights"] = "average" if checkpoint.payload.get("ema") is not None and not args.trained_weights else "trained"
     print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
     if args.json:
         write_json(result, args.json)
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a built-in rig (h36m, novel, wide, wide-val) or a rig YAML file (repeatable; default: the "
                         "config's eval.rigs). YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
     p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
+    p.add_argument("--trained-weights", action="store_true",
+                   help="the trained weights, not the weight average the run kept (optim.ema)")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
