@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from vipe_ray import storage
+from vipe_ray import log, storage
 from vipe_ray.data import SOURCE_FPS, DataError, PoseTable, joints_array, table_to_arrays, windows_within
 
 #: Table rows per piece: the unit of shuffling, dealing to workers and buffer turnover. Windows are clamped
@@ -58,6 +58,8 @@ ROW_BYTES = 240
 DATA_TASK_CPUS = 0.1
 #: Pieces the background thread reads ahead of the buffer.
 READ_AHEAD = 8
+#: How long closing a shard waits for its reader to leave Ray Data.
+CLOSE_TIMEOUT_S = 120.0
 
 
 #: Row groups up to this many rows get the subject filter inside the Parquet scan. pyarrow 25.0.1 crashes
@@ -380,9 +382,16 @@ class StreamedShard:
                 "data_epochs": float(self.epochs)}
 
     def close(self) -> None:
-        """Stop the background reader (its iteration ends and Ray Data's execution with it)."""
+        """Stop the background reader (its iteration ends and Ray Data's execution with it).
+
+        Waits for it: a reader still inside Ray Data when the caller shuts Ray down makes Ray's core worker
+        exit the whole process (seen in local mode, where the training loop runs in the driver). Its wait for
+        the next block and the executor's shutdown took over 10 s on a loaded 2-core machine.
+        """
         self._reader.stop()
-        self._reader.join(timeout=10.0)
+        self._reader.join(timeout=CLOSE_TIMEOUT_S)
+        if self._reader.is_alive():
+            log(f"{self.where}: the data reader did not stop within {CLOSE_TIMEOUT_S:.0f} s")
 
 
 def dataset_to_table(iterator, path: str, fps: int, checksum: str) -> PoseTable:
