@@ -139,7 +139,7 @@ def test_two_workers_hold_halves_of_the_train_rows_and_report_per_worker(ray_clu
     # Validation subjects join the test subjects: rank 0 then skips reading a validation set (~10 s of Ray
     # Data), and the count below still excludes every held-out subject. buffer_rows 0: each worker holds its
     # whole shard, so its buffer size is its shard size (tests/test_ingest.py checks the rows themselves).
-    config = _config(tiny_overrides, optim={"steps": 2}, checkpoint_every=2,
+    config = _config(tiny_overrides, optim={"steps": 2, "ema": 0.5}, checkpoint_every=2,
                      data={"val_subjects": [], "test_subjects": ["06", "13", "09", "10"], "buffer_rows": 0})
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -157,6 +157,13 @@ def test_two_workers_hold_halves_of_the_train_rows_and_report_per_worker(ray_clu
     assert all(r["global_batch"] == 2 * config.optim.batch_size for r in reports)
     assert all(r["worker_nodes"] == 1 and r["device"] == "cpu" for r in reports)
     assert all(r["peak_rss_mb"] > 0 for r in reports)
+    # Rank 0 kept the weight average: the checkpoint's model is it, the trained weights beside it.
+    with result.checkpoint.as_directory() as directory:
+        checkpoint = load_checkpoint(directory)
+    assert checkpoint.payload["ema"]["updates"] == config.optim.steps
+    for key, value in checkpoint.model.state_dict().items():
+        assert torch.equal(value, checkpoint.payload["ema"]["average"][key]), key
+    assert any(not torch.equal(v, checkpoint.payload["model"][k]) for k, v in checkpoint.model.state_dict().items())
 
 
 def _ddp_gradient_loop(loop_config: dict) -> None:
@@ -317,7 +324,7 @@ def test_local_mode_fit_returns_a_loadable_checkpoint_with_validation_metrics(
         ray_cluster, tiny_overrides, tmp_path, monkeypatch):
     import tempfile
 
-    config = _config(tiny_overrides, optim={"ema": 0.5})  # 6 steps, a checkpoint every 3, a weight average
+    config = _config(tiny_overrides)  # 6 steps, a checkpoint every 3
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # local mode writes checkpoints in this process
@@ -338,11 +345,6 @@ def test_local_mode_fit_returns_a_loadable_checkpoint_with_validation_metrics(
         assert 0.0 <= result.metrics["val_hit@1"] <= 1.0
         assert result.metrics["val_hit@1"] <= result.metrics["val_hit@5"]
         assert checkpoint.payload["metrics"]["val_hit@1"] == result.metrics["val_hit@1"]
-        # The worker kept the weight average: the checkpoint's model is it, the trained weights beside it.
-        assert checkpoint.payload["ema"]["updates"] == config.optim.steps
-        for key, value in checkpoint.model.state_dict().items():
-            assert torch.equal(value, checkpoint.payload["ema"]["average"][key]), key
-        assert any(not torch.equal(v, checkpoint.payload["model"][k]) for k, v in checkpoint.model.state_dict().items())
     finally:
         if result.checkpoint is not None:  # local mode keeps the worker's temporary directory
             shutil.rmtree(result.checkpoint.path, ignore_errors=True)

@@ -384,9 +384,9 @@ class StreamedShard:
     def close(self) -> None:
         """Stop the background reader (its iteration ends and Ray Data's execution with it).
 
-        Waits for it: a reader still inside Ray Data when the caller shuts Ray down makes Ray's core worker
-        exit the whole process (seen in local mode, where the training loop runs in the driver). Its wait for
-        the next block and the executor's shutdown took over 10 s on a loaded 2-core machine.
+        Waits for it: a reader still inside Ray Data when the caller shuts Ray down can make Ray's core
+        worker exit the whole process (local mode runs the training loop in the driver), and on a loaded
+        2-core machine its reader was seen still shutting Ray Data's execution down after the old 10 s wait.
         """
         self._reader.stop()
         self._reader.join(timeout=CLOSE_TIMEOUT_S)
