@@ -72,7 +72,7 @@ def test_bf16_embedding_and_gradients_stay_close_to_fp32():
     torch.manual_seed(0)
     model = build_model(config)
     g = torch.Generator().manual_seed(1)
-    features, probe = torch.randn(256, 39, generator=g), torch.randn(256, 16, generator=g)
+    features, probe = torch.randn(256, 39, generator=g), torch.randn(256, config.model.embedding_dim, generator=g)
     out, grads = {}, {}
     for precision in ("fp32", "bf16"):
         m = copy.deepcopy(model)
