@@ -3,6 +3,8 @@
     python bench/robust_recipe.py [--steps 1500] [--width 512] [--out runs/recipe] [--queries 500] [--only ...]
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe3 \
         --only default symmetric symmetric+dim64          # round 2 (lifter-sharing candidates after their donor)
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
+        --only default neighbours10 neighbours20         # round 3 (then round 4: kappa0.07 positive0.05 dim128)
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -50,12 +52,27 @@ CANDIDATES = {
                                    "loss": {"margin": 1.3862943611198906}},
     "symmetric+dim64+share0.3": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
                                  "keypoint_dropout": {"instance_prob": 0.3}},
+    # Round 3, from the round-2 default ("default" is whatever default.yaml holds): batches of neighbour pairs.
+    "neighbours10": {"mining": {"neighbours": 10}},
+    "neighbours20": {"mining": {"neighbours": 20}},
+    # Round 4, from the same default: Pr-VIPE's own loss settings (training kappa, positive weight) and size.
+    "kappa0.07": {"mining": {"kappa": 0.07}},
+    "positive0.05": {"loss": {"positive_weight": 0.05}},
+    "dim128": {"model": {"embedding_dim": 128}},
+    # Round 5: the Gaussian prior's weight, hard mining, and the learning rate (for both methods).
+    "kl0.0001": {"loss": {"kl_weight": 0.0001}},
+    "hard": {"mining": {"mode": "hard"}},
+    "lr0.002": {"optim": {"lr": 0.002}},
+    "kl0.003": {"loss": {"kl_weight": 0.003}},
+    "kl0.01": {"loss": {"kl_weight": 0.01}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
 SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetric+dim64": "default",
                  "symmetric+dim64+neg4": "default", "symmetric+dim64+margin_ln4": "default",
-                 "symmetric+dim64+share0.3": "symmetric+share0.3"}
+                 "symmetric+dim64+share0.3": "symmetric+share0.3", "neighbours10": "default",
+                 "neighbours20": "default", "kappa0.07": "default", "positive0.05": "default", "dim128": "default",
+                 "kl0.0001": "default", "hard": "default", "kl0.003": "default", "kl0.01": "default"}
 
 
 def check_shared_lifter(config, lifter_run: Path) -> None:
@@ -81,12 +98,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {}
+    scale = {"model": {"width": args.width}, "optim": {"steps": args.steps}, "log_every": 500,
+             "checkpoint_every": args.steps}
+    runs = {}
+    # Train every candidate first, then evaluate: a candidate sharing the lifter of one trained by another
+    # process finds it ready more often.
     for name, overrides in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
-        scale = {"model": {"width": args.width}, "optim": {"steps": args.steps}, "log_every": 500,
-                 "checkpoint_every": args.steps}
         config = load_config(overrides=merge(scale, overrides))
         out = Path(args.out) / name
         lifter_run = Path(args.out) / SHARED_LIFTER.get(name, name)
@@ -95,7 +114,9 @@ def main() -> None:
         start = time.perf_counter()
         if not (out / ("lifter.pt" if config.lifter_baseline else "checkpoint.pt")).exists():
             train(config, out, resume=True)
-        trained = time.perf_counter() - start
+        runs[name] = (config, out, lifter_run, time.perf_counter() - start)
+    results = {}
+    for name, (config, out, lifter_run, trained) in runs.items():
         if lifter_run != out:
             check_shared_lifter(config, lifter_run)
         table = load_table(config.data.table_path()).select(list(config.data.val_subjects))

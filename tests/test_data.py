@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vipe_ray.config import load_config
-from vipe_ray.data import DataError, WindowSampler, clip_bounds, load_table, window_rows
+from vipe_ray.data import DataError, WindowSampler, clip_bounds, draw_rows, load_table, neighbour_rows, window_rows
 
 import torch
 
@@ -44,6 +44,34 @@ def test_windows_stay_inside_their_clip(table):
     assert list(idx[0]) == [first[0]] * 3 + [first[0] + 2, first[0] + 4]
     windows = WindowSampler(sub, frames=5, stride=2).sample(8, torch.Generator().manual_seed(0))
     assert windows.shape == (8, 5, 17, 3)
+
+
+def test_neighbours_are_a_few_frames_away_in_the_same_clip(table):
+    sub = table.select(["02", "93"])
+    first, last = clip_bounds(sub.clip)
+    rows = np.arange(len(sub))
+    partner = neighbour_rows(rows, first, last, 3, torch.Generator().manual_seed(0))
+    assert (sub.clip[partner] == sub.clip).all()
+    gap = np.abs(partner - rows)
+    inside = (rows - 3 >= first) & (rows + 3 <= last)  # rows whose neighbours are never clamped
+    assert set(gap[inside].tolist()) == {1, 2, 3}
+    # At a clip's ends the neighbour is clamped to the clip (never past it).
+    assert ((partner >= first) & (partner <= last)).all()
+
+
+def test_a_batch_of_neighbour_pairs(table):
+    sub = table.select(["02", "93"])
+    first, last = clip_bounds(sub.clip)
+    population = np.arange(len(sub))
+    rows = draw_rows(population, 9, first, last, 4, torch.Generator().manual_seed(1))
+    assert rows.shape == (9,)
+    # Five drawn poses; the last four paired with a neighbour of the first four.
+    assert (sub.clip[rows[5:]] == sub.clip[rows[:4]]).all() and (np.abs(rows[5:] - rows[:4]) <= 4).all()
+    # Without neighbours, the draw is the plain uniform one (runs without them reproduce as before).
+    plain = draw_rows(population, 9, first, last, 0, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(plain, torch.randint(len(sub), (9,), generator=torch.Generator().manual_seed(1)))
+    windows = WindowSampler(sub, neighbours=4).sample(9, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(windows[:, 0].numpy(), sub.joints[rows])
 
 
 def _write(tmp_path, table, metadata):

@@ -17,6 +17,7 @@ import pytest
 from conftest import local_ray
 import torch
 
+from vipe_ray import matching
 from vipe_ray.config import load_config
 from vipe_ray.data import load_table
 from vipe_ray.ingest import (PIECE_ROWS, SCAN_FILTER_MAX_ROW_GROUP, PoseBuffer, StreamedShard, _keep_subjects,
@@ -102,6 +103,17 @@ def test_buffer_windows_stay_inside_runs_and_pieces(table):
         np.testing.assert_array_equal(window, flat[expected])
 
 
+def test_buffer_pairs_poses_with_neighbours_of_their_run(table):
+    pieces = _pieces(table, 0, 2, size=100)
+    buffer = PoseBuffer(pieces, neighbours=5)
+    windows = buffer.sample(64, torch.Generator().manual_seed(0))[:, 0].numpy()
+    flat = np.concatenate([p.joints for p in pieces])
+    first = np.concatenate([i * 100 + p.first for i, p in enumerate(pieces)])
+    where = [int(np.flatnonzero((flat == w).all(axis=(1, 2)))[0]) for w in windows]
+    for centre, partner in zip(where[:32], where[32:]):
+        assert first[partner] == first[centre] and abs(partner - centre) <= 5
+
+
 def test_buffer_replaces_its_oldest_piece(table):
     old, new = _pieces(table, 0, 3), _pieces(table, 3 * PIECE_ROWS, 2)
     buffer = PoseBuffer(old)
@@ -173,8 +185,11 @@ def test_a_bounded_shard_keeps_streaming_and_a_small_one_is_read_once(ray_cluste
     whole = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=0, batch=8)
     assert whole.complete and len(whole.buffer) == 205 + 101 and whole.stats()["data_epochs"] == 1
     assert not whole._reader.is_alive(), "the stream of a shard held whole is closed"
-    fits = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=4096, batch=8)
-    assert fits.complete and len(fits.buffer) == 306
+    fits = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=4096, batch=8, neighbours=3)
+    assert fits.complete and len(fits.buffer) == 306 and fits.buffer.neighbours == 3
+    # Poses 4..7 are neighbours of poses 0..3: a few frames apart, closer than another pair of the batch.
+    pairs = fits.sample(8, torch.Generator().manual_seed(0))[:, 0]
+    assert (matching.np_mpjpe(pairs[:4], pairs[4:]) < matching.np_mpjpe(pairs[:4], pairs[4:].roll(1, 0))).all()
 
 
 @pytest.mark.timeout(240, func_only=True)

@@ -195,8 +195,14 @@ class MiningConfig:
     symmetric: bool = False
     #: Negatives per anchor, the first ones in the mode's order (vipe-ray's extension; 1 = the reference).
     negatives: int = 1
+    #: Batches of pose pairs: half the poses drawn at random, each paired with a frame of its clip at most
+    #: this many table rows away, so that the batch holds near-kappa negatives (0 = every pose drawn at
+    #: random, the reference; vipe-ray's extension). Only Pr-VIPE's batches; the lifter draws at random.
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
+        if self.neighbours < 0:
+            raise ConfigError(f"mining.neighbours: {self.neighbours} must be >= 0 (0 = no neighbour pairs)")
         if self.negatives < 1:
             raise ConfigError(f"mining.negatives: {self.negatives} must be >= 1")
         if self.negatives > 1 and self.mode == "ratio":

@@ -172,21 +172,47 @@ def window_rows(table: PoseTable, rows: np.ndarray, frames: int, stride: int) ->
     return windows_within(rows, first, last, frames, stride)
 
 
-class WindowSampler:
-    """Draws random training windows ``[batch, frames, 17, 3]`` (frames = 1 without temporal embedding)."""
+def neighbour_rows(rows: np.ndarray, first: np.ndarray, last: np.ndarray, spread: int,
+                   generator: torch.Generator) -> np.ndarray:
+    """A temporal neighbour of each row: ``[n] -> [n]``, ``rows[i] +- o`` with ``o`` uniform in
+    ``1..spread``, clamped to the row's run ``[first, last]`` (a run of one row gives the row itself)."""
+    n = len(rows)
+    offset = torch.randint(1, spread + 1, (n,), generator=generator).numpy()
+    sign = 2 * torch.randint(0, 2, (n,), generator=generator).numpy() - 1
+    return np.clip(rows + sign * offset, first[rows], last[rows])
 
-    def __init__(self, table: PoseTable, frames: int = 1, stride: int = 1):
+
+def draw_rows(population: np.ndarray, batch: int, first: np.ndarray, last: np.ndarray, neighbours: int,
+              generator: torch.Generator) -> np.ndarray:
+    """``batch`` training rows drawn uniformly from ``population`` (``[rows]``, row indices).
+
+    ``neighbours`` > 0: only the first half is drawn at random; the second half holds a temporal neighbour of
+    each (:func:`neighbour_rows`), so a batch holds pairs of poses a few frames apart, some of them just
+    beyond kappa: hard negatives that random draws from a large table rarely pair.
+    """
+    drawn = batch if neighbours <= 0 else (batch + 1) // 2
+    rows = population[torch.randint(len(population), (drawn,), generator=generator).numpy()]
+    if drawn == batch:
+        return rows
+    return np.concatenate([rows, neighbour_rows(rows[:batch - drawn], first, last, neighbours, generator)])
+
+
+class WindowSampler:
+    """Draws random training windows ``[batch, frames, 17, 3]`` (frames = 1 without temporal embedding);
+    ``neighbours`` > 0 pairs each drawn pose with a neighbouring frame of its clip (:func:`draw_rows`)."""
+
+    def __init__(self, table: PoseTable, frames: int = 1, stride: int = 1, neighbours: int = 0):
         if len(table) == 0:
             raise DataError(f"{table.path}: no rows to sample from")
-        self.table, self.frames, self.stride = table, frames, stride
+        self.table, self.frames, self.stride, self.neighbours = table, frames, stride, neighbours
         self.joints = torch.from_numpy(table.joints)
         # Once: recomputed at every step they cost ~0.4 ms on the bundled table (as much as drawing the batch),
         # growing with the table.
         self.first, self.last = clip_bounds(table.clip)
+        self.all_rows = np.arange(len(table))
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        rows = torch.randint(len(self.table), (batch,), generator=generator).numpy()
-        return self.windows(rows)
+        return self.windows(draw_rows(self.all_rows, batch, self.first, self.last, self.neighbours, generator))
 
     def windows(self, rows: np.ndarray) -> torch.Tensor:
         idx = windows_within(rows, self.first, self.last, self.frames, self.stride)

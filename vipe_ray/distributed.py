@@ -232,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         callback.on_start(worker)
     shard = StreamedShard(ray.train.get_dataset_shard("train"), config.data.buffer_rows, config.optim.batch_size,
                           config.temporal.window, config.temporal.stride, data["fps"],
-                          f"{data['path']} (rank {rank} of {world})")
+                          f"{data['path']} (rank {rank} of {world})", config.mining.neighbours)
     try:
         val_table = None
         if rank == 0 and config.data.val_subjects:

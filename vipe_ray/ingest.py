@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import torch
 
 from vipe_ray import log, storage
-from vipe_ray.data import SOURCE_FPS, DataError, PoseTable, joints_array, table_to_arrays, windows_within
+from vipe_ray.data import SOURCE_FPS, DataError, PoseTable, draw_rows, joints_array, table_to_arrays, windows_within
 
 #: Table rows per piece: the unit of shuffling, dealing to workers and buffer turnover. Windows are clamped
 #: at piece ends: at 256 rows a 7-frame window (the default temporal one) is clamped in about 2% of draws.
@@ -181,10 +181,10 @@ class PoseBuffer:
     the oldest slot.
     """
 
-    def __init__(self, pieces: list[Piece], frames: int = 1, stride: int = 1):
+    def __init__(self, pieces: list[Piece], frames: int = 1, stride: int = 1, neighbours: int = 0):
         if not pieces:
             raise DataError("no poses to draw from")
-        self.frames, self.stride = frames, stride
+        self.frames, self.stride, self.neighbours = frames, stride, neighbours
         slots = len(pieces)
         self.joints = np.zeros((slots * PIECE_ROWS, *pieces[0].joints.shape[1:]), np.float32)
         self.first = np.zeros(slots * PIECE_ROWS, np.int32)
@@ -224,9 +224,10 @@ class PoseBuffer:
             self._index()
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """``batch`` windows ``[batch, frames, 17, 3]`` centred on poses drawn uniformly from the buffer."""
-        pick = torch.randint(len(self._rows), (batch,), generator=generator).numpy()
-        idx = windows_within(self._rows[pick], self.first, self.last, self.frames, self.stride)
+        """``batch`` windows ``[batch, frames, 17, 3]`` centred on poses drawn uniformly from the buffer
+        (``neighbours`` > 0: half of them, each paired with a neighbouring frame; see ``data.draw_rows``)."""
+        rows = draw_rows(self._rows, batch, self.first, self.last, self.neighbours, generator)
+        idx = windows_within(rows, self.first, self.last, self.frames, self.stride)
         return self._tensor[torch.from_numpy(idx)]
 
 
@@ -306,7 +307,7 @@ class StreamedShard:
     """
 
     def __init__(self, iterator, capacity: int, batch: int, frames: int = 1, stride: int = 1,
-                 fps: int = 30, where: str = "worker shard"):
+                 fps: int = 30, where: str = "worker shard", neighbours: int = 0):
         if capacity < 0:
             raise ValueError(f"buffer capacity {capacity} must be >= 0 (0 = the whole shard)")
         self.where, self.capacity = where, capacity
@@ -334,7 +335,7 @@ class StreamedShard:
             self.close()
         else:
             self._reader.stream_on()
-        self.buffer = PoseBuffer(pieces, frames, stride)
+        self.buffer = PoseBuffer(pieces, frames, stride, neighbours)
 
     def _take(self, block: bool):
         """The next piece or ``_EPOCH_END`` from the reader; None when nothing is queued (``block`` False)."""

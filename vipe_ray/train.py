@@ -332,7 +332,10 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
         step = payload["step"]
         progress(f"[{name}] resumed from {path} at step {step}")
     average = weight_average(config, model, payload)
-    sampler = WindowSampler(table.select(config.data.train_subjects), config.temporal.window, config.temporal.stride)
+    # Neighbouring frames serve triplet mining; the lifter has none and draws every pose at random.
+    neighbours = config.mining.neighbours if kind == "prvipe" else 0
+    sampler = WindowSampler(table.select(config.data.train_subjects), config.temporal.window, config.temporal.stride,
+                            neighbours)
 
     def save(metrics: dict) -> None:
         atomic_save({
