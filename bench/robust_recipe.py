@@ -52,20 +52,21 @@ CANDIDATES = {
                                    "loss": {"margin": 1.3862943611198906}},
     "symmetric+dim64+share0.3": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
                                  "keypoint_dropout": {"instance_prob": 0.3}},
-    # Round 3, from the round-2 default ("default" is whatever default.yaml holds): batches of neighbour pairs.
+    # Round 3, from the round-2 default ("default" is whatever default.yaml holds; README's third table):
+    # batches of neighbour pairs,
     "neighbours10": {"mining": {"neighbours": 10}},
     "neighbours20": {"mining": {"neighbours": 20}},
-    # Round 4, from the same default: Pr-VIPE's own loss settings (training kappa, positive weight) and size.
+    # Pr-VIPE's own loss settings (training kappa, positive weight) and size,
     "kappa0.07": {"mining": {"kappa": 0.07}},
     "positive0.05": {"loss": {"positive_weight": 0.05}},
     "dim128": {"model": {"embedding_dim": 128}},
-    # Round 5: the Gaussian prior's weight, hard mining, and the learning rate (for both methods).
+    # the Gaussian prior's weight, hard mining, and the learning rate (for both methods),
     "kl0.0001": {"loss": {"kl_weight": 0.0001}},
     "hard": {"mining": {"mode": "hard"}},
     "lr0.002": {"optim": {"lr": 0.002}},
     "kl0.003": {"loss": {"kl_weight": 0.003}},
     "kl0.01": {"loss": {"kl_weight": 0.01}},
-    # A smaller triplet margin (ln 4 lost 2.6 points against ln 2 in round 2).
+    # a smaller triplet margin (ln 4 lost 2.6 points against ln 2 in round 2).
     "margin_ln1.5": {"loss": {"margin": 0.4054651081081644}},
     "margin_ln1.25": {"loss": {"margin": 0.22314355131420976}},
 }
