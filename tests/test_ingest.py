@@ -181,6 +181,10 @@ def test_a_bounded_shard_keeps_streaming_and_a_small_one_is_read_once(ray_cluste
     finally:
         shard.close()
     assert not shard._reader.is_alive()
+    # Ray Data's pipeline threads of the closed iterations are done too: one still calling into Ray when
+    # the driver shuts Ray down exits the whole process (local mode trains in the driver).
+    assert shard._reader.helpers, "the reader records the Ray Data threads it started"
+    assert not [t for t in shard._reader.helpers if t.is_alive()]
 
     whole = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=0, batch=8)
     assert whole.complete and len(whole.buffer) == 205 + 101 and whole.stats()["data_epochs"] == 1

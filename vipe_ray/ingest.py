@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +245,45 @@ class _Reader(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
         self.error: BaseException | None = None
         self._halt, self._more = threading.Event(), threading.Event()
+        #: Ray Data's own threads that this reader's iterations started (see :meth:`join_helpers`).
+        self.helpers: list[threading.Thread] = []
 
     def stop(self) -> None:
         self._halt.set()
+
+    def join_helpers(self, timeout: float) -> list[threading.Thread]:
+        """Wait for the Ray Data threads this reader started; returns those still alive after ``timeout``.
+
+        Closing an iteration early only signals Ray Data's pipeline thread (``iter_threaded``): it finishes
+        the block it is fetching first. One still calling into Ray when the driver shuts Ray down makes
+        Ray's core worker exit the whole process with status 1 (seen in local mode, where the training loop
+        runs in the driver).
+        """
+        deadline = time.monotonic() + timeout
+        for thread in self.helpers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [t for t in self.helpers if t.is_alive()]
+
+    def _iterate(self):
+        """One epoch's batches; the Ray Data threads started on the way are recorded in ``helpers``."""
+        before = set(threading.enumerate())
+        batches = iter(self.iterator.iter_batches(batch_size=None, batch_format="pyarrow"))
+        try:
+            for batch in batches:
+                self._record_helpers(before)
+                yield batch
+        finally:
+            self._record_helpers(before)
+            # Closing ends this epoch's iteration now, not at garbage collection: Ray Data then shuts its
+            # execution down and releases the cluster resources it holds for it.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _record_helpers(self, before: set[threading.Thread]) -> None:
+        known = set(self.helpers)
+        self.helpers += [t for t in threading.enumerate()
+                         if t not in before and t not in known and t is not self and t.name == "iter_threaded"]
 
     def stream_on(self) -> None:
         self._more.set()
@@ -269,7 +306,7 @@ class _Reader(threading.Thread):
                     self._more.wait(0.1)
                 if self._halt.is_set():
                     return
-                batches = iter(self.iterator.iter_batches(batch_size=None, batch_format="pyarrow"))
+                batches = self._iterate()
                 try:
                     # Whole pieces of the stream, whatever the blocks' sizes: a slot of the buffer holds one.
                     pending = None
@@ -285,11 +322,7 @@ class _Reader(threading.Thread):
                             if not self._put(piece):
                                 return
                 finally:
-                    # Closing ends this epoch's iteration now, not at garbage collection: Ray Data then shuts
-                    # its execution down and releases the cluster resources it holds for it.
-                    close = getattr(batches, "close", None)
-                    if close is not None:
-                        close()
+                    batches.close()
                 epoch += 1
                 if not self._put(_EPOCH_END):
                     return
@@ -389,10 +422,15 @@ class StreamedShard:
         worker exit the whole process (local mode runs the training loop in the driver), and on a loaded
         2-core machine its reader was seen still shutting Ray Data's execution down after the old 10 s wait.
         """
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         self._reader.stop()
         self._reader.join(timeout=CLOSE_TIMEOUT_S)
         if self._reader.is_alive():
             log(f"{self.where}: the data reader did not stop within {CLOSE_TIMEOUT_S:.0f} s")
+            return
+        left = self._reader.join_helpers(max(0.0, deadline - time.monotonic()))
+        if left:
+            log(f"{self.where}: {len(left)} Ray Data thread(s) still running {CLOSE_TIMEOUT_S:.0f} s after close")
 
 
 def dataset_to_table(iterator, path: str, fps: int, checksum: str) -> PoseTable:
