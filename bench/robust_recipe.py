@@ -5,6 +5,7 @@
         --only default symmetric symmetric+dim64          # round 2 (lifter-sharing candidates after their donor)
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
         --only default neighbours10 neighbours20         # round 3 (and the other candidates after "default")
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 --only hard_from0.5  # round 4
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -69,6 +70,10 @@ CANDIDATES = {
     # a smaller triplet margin (ln 4 lost 2.6 points against ln 2 in round 2).
     "margin_ln1.5": {"loss": {"margin": 0.4054651081081644}},
     "margin_ln1.25": {"loss": {"margin": 0.22314355131420976}},
+    # Round 4: semi-hard mining, then the hardest negative for the rest of the run (hard from the first step
+    # collapsed in round 3).
+    "hard_from0.5": {"mining": {"hard_from": 0.5}},
+    "hard_from0.75": {"mining": {"hard_from": 0.75}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -77,7 +82,8 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "symmetric+dim64+share0.3": "symmetric+share0.3", "neighbours10": "default",
                  "neighbours20": "default", "kappa0.07": "default", "positive0.05": "default", "dim128": "default",
                  "kl0.0001": "default", "hard": "default", "kl0.003": "default", "kl0.01": "default",
-                 "margin_ln1.5": "default", "margin_ln1.25": "default"}
+                 "margin_ln1.5": "default", "margin_ln1.25": "default", "hard_from0.5": "default",
+                 "hard_from0.75": "default"}
 
 
 def check_shared_lifter(config, lifter_run: Path) -> None:

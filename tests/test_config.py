@@ -144,6 +144,7 @@ def test_bad_literals_name_the_key(tmp_path, text, key):
     ("mining:\n  negatives: 2\n  mode: ratio\n", "mining.negatives: 2 needs mode semi_hard or hard"),
     ("mining:\n  symmetric: yes please\n", "mining.symmetric"),
     ("mining:\n  neighbours: -1\n", "mining.neighbours: -1 must be >= 0"),
+    ("mining:\n  hard_from: 1.5\n", "mining.hard_from: 1.5 must lie in [0, 1]"),
     ("optim:\n  batch_size: 2\n", "optim.batch_size"),
     ("optim:\n  lr: 0\n", "optim.lr"),
     ("optim:\n  lr_final_fraction: 1.5\n", "optim.lr_final_fraction"),

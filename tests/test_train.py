@@ -191,6 +191,34 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no prvipe checkpoint" in capsys.readouterr().err
 
 
+def test_mining_turns_hard_from_its_fraction_of_the_run(tiny_overrides):
+    """``mining.hard_from``: the configured mode before that fraction of the run, the hardest negative after."""
+    import copy
+
+    from vipe_ray.config import merge
+
+    late = load_config(overrides=merge(tiny_overrides, {"mining": {"hard_from": 0.5}}))
+    assert [late.mining.mode_at(p) for p in (0.0, 0.49, 0.5, 1.0)] == ["semi_hard", "semi_hard", "hard", "hard"]
+    assert load_config(overrides=tiny_overrides).mining.mode_at(1.0) == "semi_hard", "1 (the default) = never"
+    hard = load_config(overrides=merge(tiny_overrides, {"mining": {"mode": "hard"}}))
+    semi = load_config(overrides=tiny_overrides)
+    table = load_table(late.data.table_path()).select(late.data.train_subjects)
+    batch = WindowSampler(table).sample(32, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model(late)
+
+    def step(config, progress):
+        m = copy.deepcopy(model)
+        optimizer, _ = build_optimizer(config, m)
+        torch.manual_seed(1)  # the model's own dropout layers
+        return train_step(m, optimizer, batch, config, torch.Generator().manual_seed(3), progress=progress)
+
+    # The same step as the mode it stands for, on the same batch, views and samples.
+    assert step(late, 0.25) == step(semi, 0.25)
+    assert step(late, 0.75) == step(hard, 0.75)
+    assert step(hard, 0.75)["d_an"] < step(semi, 0.75)["d_an"], "hard negatives lie nearer than semi-hard ones"
+
+
 def test_dropout_ramp_and_anchor_only_views():
     """``keypoint_dropout.ramp`` raises the occluded share linearly; ``views: anchor`` keeps positives whole."""
     from vipe_ray.config import KeypointDropoutConfig

@@ -200,8 +200,18 @@ class MiningConfig:
     #: random, the reference; vipe-ray's extension). Only Pr-VIPE's batches; the lifter draws at random.
     #: Off by default: 10 and 20 gave no retrieval gain on validation (README, third recipe round).
     neighbours: int = 0
+    #: From this fraction of the run on, mining takes the hardest negative, whatever ``mode`` says (1 = never,
+    #: the reference; vipe-ray's extension). Hard mining from the first step collapses the embedding; once it
+    #: is organized, the hardest negatives are the retrieval errors that semi-hard mining passes over.
+    hard_from: float = 1.0
+
+    def mode_at(self, progress: float) -> str:
+        """The mining mode at ``progress`` (step / steps) of the run."""
+        return "hard" if self.hard_from < 1.0 and progress >= self.hard_from else self.mode
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.hard_from <= 1.0:
+            raise ConfigError(f"mining.hard_from: {self.hard_from} must lie in [0, 1] (1 = never)")
         if self.neighbours < 0:
             raise ConfigError(f"mining.neighbours: {self.neighbours} must be >= 0 (0 = no neighbour pairs)")
         if self.negatives < 1:

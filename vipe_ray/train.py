@@ -149,7 +149,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
         joints3d: ``[batch, frames, 17, 3]`` world joints in metres (frames = 1 without temporal embedding).
         generator: CPU generator for cameras, dropout, sampling and mining (the step's only randomness
             besides the model's dropout layers).
-        progress: step / steps of the run (keypoint dropout may ramp up with it).
+        progress: step / steps of the run (keypoint dropout may ramp up with it; mining may turn hard).
         timer: optional callback marking the end of each phase, in order: "views", "forward" (the embedding),
             "mining" (ranking kernel and lazy labels), "loss" (K-sample kernels and losses), "backward" (with
             the optimizer step).
@@ -184,7 +184,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     kernel = kernel_distance(match.pairwise(z_a[:, :rank_k].detach(), z_p[:, :rank_k].detach()))
     mining = config.mining
     negatives = mine_triplets(kernel, lambda i, j: indexed_np_mpjpe(poses, poses, i, j), mining.kappa,
-                              mining.mode, mining.hard_negative_ratio, generator, mining.symmetric,
+                              mining.mode_at(progress), mining.hard_negative_ratio, generator, mining.symmetric,
                               mining.negatives)
     mark("mining")
     d_ap = kernel_distance(match(z_a, z_p))
