@@ -74,6 +74,10 @@ CANDIDATES = {
     # collapsed in round 3).
     "hard_from0.5": {"mining": {"hard_from": 0.5}},
     "hard_from0.75": {"mining": {"hard_from": 0.75}},
+    # and a point embedding (the reference's deterministic ablation), a batch of twice the poses.
+    "point": {"model": {"probabilistic": False}},
+    "batch512": {"optim": {"batch_size": 512}},
+    "rank_all_samples": {"mining": {"samples": 0}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -83,7 +87,21 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "neighbours20": "default", "kappa0.07": "default", "positive0.05": "default", "dim128": "default",
                  "kl0.0001": "default", "hard": "default", "kl0.003": "default", "kl0.01": "default",
                  "margin_ln1.5": "default", "margin_ln1.25": "default", "hard_from0.5": "default",
-                 "hard_from0.75": "default"}
+                 "hard_from0.75": "default", "point": "default", "rank_all_samples": "default"}
+
+
+def same_lifter_training(config, theirs) -> bool:
+    """Whether two configs train the same lifter: they may differ only in what Pr-VIPE alone reads."""
+    own_only = {"mining": theirs.mining, "loss": theirs.loss, "lifter_baseline": theirs.lifter_baseline,
+                "model": replace(config.model, embedding_dim=theirs.model.embedding_dim, samples=theirs.model.samples,
+                                 probabilistic=theirs.model.probabilistic)}
+    return replace(config, **own_only) == theirs
+
+
+def candidate_config(name: str, steps: int, width: int):
+    """Candidate ``name``'s training config at the bench's scale."""
+    scale = {"model": {"width": width}, "optim": {"steps": steps}, "log_every": 500, "checkpoint_every": steps}
+    return load_config(overrides=merge(scale, CANDIDATES[name]))
 
 
 def check_shared_lifter(config, lifter_run: Path) -> None:
@@ -91,10 +109,7 @@ def check_shared_lifter(config, lifter_run: Path) -> None:
     if not (lifter_run / "lifter.pt").exists():
         raise SystemExit(f"{lifter_run}: no lifter.pt yet; run candidate {lifter_run.name!r} with the same "
                          "--steps/--width/--out first")
-    theirs = load_checkpoint(lifter_run, kind="lifter").config
-    own_only = {"mining": theirs.mining, "loss": theirs.loss, "lifter_baseline": theirs.lifter_baseline,
-                "model": replace(config.model, embedding_dim=theirs.model.embedding_dim, samples=theirs.model.samples)}
-    if replace(config, **own_only) != theirs:
+    if not same_lifter_training(config, load_checkpoint(lifter_run, kind="lifter").config):
         raise SystemExit(f"{lifter_run}/lifter.pt was trained with another lifter config than this candidate's")
 
 
@@ -109,15 +124,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = {"model": {"width": args.width}, "optim": {"steps": args.steps}, "log_every": 500,
-             "checkpoint_every": args.steps}
     runs = {}
     # Train every candidate first, then evaluate: a candidate sharing the lifter of one trained by another
     # process finds it ready more often.
-    for name, overrides in CANDIDATES.items():
+    for name in CANDIDATES:
         if args.only and name not in args.only:
             continue
-        config = load_config(overrides=merge(scale, overrides))
+        config = candidate_config(name, args.steps, args.width)
         out = Path(args.out) / name
         lifter_run = Path(args.out) / SHARED_LIFTER.get(name, name)
         if lifter_run != out:

@@ -1,0 +1,29 @@
+"""``bench/robust_recipe.py``: every candidate is a valid config, and a shared lifter is the same training."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("bench_robust_recipe", REPO / "bench" / "robust_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_candidate_loads_and_every_shared_lifter_is_the_same_training(recipe):
+    configs = {name: recipe.candidate_config(name, 5000, 1024) for name in recipe.CANDIDATES}
+    assert set(recipe.SHARED_LIFTER) <= set(configs) and set(recipe.SHARED_LIFTER.values()) <= set(configs)
+    for name, donor in recipe.SHARED_LIFTER.items():
+        assert recipe.same_lifter_training(configs[name], configs[donor]), f"{name} cannot share {donor}'s lifter"
+    # Candidates that change what the lifter reads train their own.
+    for name in ("lr0.002", "batch512", "broad_cameras"):
+        assert name not in recipe.SHARED_LIFTER
+        assert not recipe.same_lifter_training(configs[name], configs["default"])
