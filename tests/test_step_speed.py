@@ -7,18 +7,17 @@ close to fp32 ones, the fused optimizers, the precision field and the bench's FL
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_bench
 
 from vipe_ray.config import ConfigError, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.model import Dropout
 from vipe_ray.train import build_model, build_optimizer, embed, train_step
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dropout_is_inverted_dropout_with_the_right_keep_rate():
@@ -101,15 +100,8 @@ def test_bf16_step_trains(tiny_overrides):
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_counts_the_step_flops_by_hand(tiny_overrides):
-    bench = load_bench()
+    bench = load_bench("train_step")
     config = load_config(overrides=merge(tiny_overrides, {"model": {"width": 8, "blocks": 1, "embedding_dim": 4,
                                                                     "samples": 3}, "mining": {"samples": 2}}))
     model = build_model(config)
