@@ -5,7 +5,8 @@
         --only default symmetric symmetric+dim64          # round 2 (lifter-sharing candidates after their donor)
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
         --only default neighbours10 neighbours20         # round 3 (and the other candidates after "default")
-    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 --only hard_from0.5  # round 4
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
+        --only hard_from0.5 hard_from0.75 point batch512 rank_all_samples   # round 4
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),

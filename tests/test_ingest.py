@@ -183,7 +183,8 @@ def test_a_bounded_shard_keeps_streaming_and_a_small_one_is_read_once(ray_cluste
     assert not shard._reader.is_alive()
     # Ray Data's pipeline threads of the closed iterations are done too: one still calling into Ray when
     # the driver shuts Ray down exits the whole process (local mode trains in the driver).
-    assert shard._reader.helpers, "the reader records the Ray Data threads it started"
+    names = {t.name for t in shard._reader.helpers}
+    assert "iter_threaded" in names, f"the reader records Ray Data's threads: {names}"
     assert not [t for t in shard._reader.helpers if t.is_alive()]
 
     whole = StreamedShard(pose_dataset(table.path, ["02", "93"]).iterator(), capacity=0, batch=8)
@@ -194,6 +195,23 @@ def test_a_bounded_shard_keeps_streaming_and_a_small_one_is_read_once(ray_cluste
     # Poses 4..7 are neighbours of poses 0..3: a few frames apart, closer than another pair of the batch.
     pairs = fits.sample(8, torch.Generator().manual_seed(0))[:, 0]
     assert (matching.np_mpjpe(pairs[:4], pairs[4:]) < matching.np_mpjpe(pairs[:4], pairs[4:].roll(1, 0))).all()
+
+
+@pytest.mark.timeout(180, func_only=True)
+def test_a_shard_that_fails_while_filling_names_where_and_stops_reading(ray_cluster, table):
+    import ray.data
+
+    from vipe_ray.data import DataError
+
+    rows = pq.read_table(table.path).slice(0, 4 * PIECE_ROWS).drop_columns(["clip"])
+    threads = set(threading.enumerate())
+    failed = r"bad\.parquet \(rank 0 of 1\): reading the data shard failed: .*missing column 'clip'"
+    with pytest.raises(DataError, match=failed):
+        StreamedShard(ray.data.from_arrow(rows).iterator(), capacity=2 * PIECE_ROWS, batch=8,
+                      where="bad.parquet (rank 0 of 1)")
+    # The constructor closed what it started: no reader, and no Ray Data thread that could call into Ray.
+    left = [t for t in set(threading.enumerate()) - threads if t.name in ("vipe-ray-ingest", "iter_threaded")]
+    assert not left, left
 
 
 @pytest.mark.timeout(240, func_only=True)

@@ -235,6 +235,14 @@ class PoseBuffer:
 _EPOCH_END = object()
 
 
+def _calls_into_ray(thread: threading.Thread) -> bool:
+    """A Ray Data (2.60) thread that may call into Ray after its iteration was closed: the pipeline's worker,
+    and in local mode the execution engine and its metadata fetcher. Not the block prefetcher: after an early
+    close it idles until garbage collection and never ends on its own."""
+    return (thread.name in ("iter_threaded", "ray-data-metadata-prefetch")
+            or thread.name.startswith("StreamingExecutor-"))
+
+
 class _Reader(threading.Thread):
     """Reads a Ray Data iterator into a bounded queue of pieces, ``_EPOCH_END`` after each epoch. After the
     first epoch it waits for :meth:`stream_on` (read more epochs) or :meth:`stop`."""
@@ -245,19 +253,20 @@ class _Reader(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
         self.error: BaseException | None = None
         self._halt, self._more = threading.Event(), threading.Event()
-        #: Ray Data's own threads that this reader's iterations started (see :meth:`join_helpers`).
+        #: Ray Data's threads that started while this reader iterated (see :meth:`join_helpers`).
         self.helpers: list[threading.Thread] = []
 
     def stop(self) -> None:
         self._halt.set()
 
     def join_helpers(self, timeout: float) -> list[threading.Thread]:
-        """Wait for the Ray Data threads this reader started; returns those still alive after ``timeout``.
+        """Wait for the Ray Data threads that started while this reader iterated; returns those still alive
+        after ``timeout``.
 
-        Closing an iteration early only signals Ray Data's pipeline thread (``iter_threaded``): it finishes
-        the block it is fetching first. One still calling into Ray when the driver shuts Ray down makes
-        Ray's core worker exit the whole process with status 1 (seen in local mode, where the training loop
-        runs in the driver).
+        Closing an iteration early only signals Ray Data's threads (the pipeline's ``iter_threaded``; in
+        local mode the execution engine too): each finishes the step it is in first. One still calling
+        into Ray when the driver shuts Ray down makes Ray's core worker exit the whole process with status
+        1 (seen in local mode, where the training loop runs in the driver).
         """
         deadline = time.monotonic() + timeout
         for thread in self.helpers:
@@ -265,25 +274,29 @@ class _Reader(threading.Thread):
         return [t for t in self.helpers if t.is_alive()]
 
     def _iterate(self):
-        """One epoch's batches; the Ray Data threads started on the way are recorded in ``helpers``."""
+        """One epoch's batches; the Ray Data threads that start meanwhile are recorded in ``helpers``."""
+        self.helpers = [t for t in self.helpers if t.is_alive()]
         before = set(threading.enumerate())
         batches = iter(self.iterator.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
+            first = True
             for batch in batches:
-                self._record_helpers(before)
+                if first:  # the pipeline's threads exist once the first batch is out
+                    self._record_helpers(before)
+                    first = False
                 yield batch
         finally:
-            self._record_helpers(before)
             # Closing ends this epoch's iteration now, not at garbage collection: Ray Data then shuts its
             # execution down and releases the cluster resources it holds for it.
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+            self._record_helpers(before)
 
     def _record_helpers(self, before: set[threading.Thread]) -> None:
         known = set(self.helpers)
         self.helpers += [t for t in threading.enumerate()
-                         if t not in before and t not in known and t is not self and t.name == "iter_threaded"]
+                         if t not in before and t not in known and _calls_into_ray(t)]
 
     def stream_on(self) -> None:
         self._more.set()
@@ -354,12 +367,16 @@ class StreamedShard:
         pieces: list[Piece] = []
         rows = 0
         item = None
-        while capacity == 0 or rows < capacity:
-            item = self._take(block=True)
-            if item is _EPOCH_END:
-                break
-            pieces.append(item)
-            rows += len(item)
+        try:
+            while capacity == 0 or rows < capacity:
+                item = self._take(block=True)
+                if item is _EPOCH_END:
+                    break
+                pieces.append(item)
+                rows += len(item)
+        except BaseException:
+            self.close()  # the caller never gets a shard to close
+            raise
         self.complete = item is _EPOCH_END  # the whole shard is in the buffer
         if not pieces:
             self.close()

@@ -149,7 +149,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
         joints3d: ``[batch, frames, 17, 3]`` world joints in metres (frames = 1 without temporal embedding).
         generator: CPU generator for cameras, dropout, sampling and mining (the step's only randomness
             besides the model's dropout layers).
-        progress: step / steps of the run (keypoint dropout may ramp up with it; mining may turn hard).
+        progress: step / steps of the run (keypoint dropout may ramp up with it; mining may turn hard); the
+            default, 1, is the end of the run.
         timer: optional callback marking the end of each phase, in order: "views", "forward" (the embedding),
             "mining" (ranking kernel and lazy labels), "loss" (K-sample kernels and losses), "backward" (with
             the optimizer step).
