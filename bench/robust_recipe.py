@@ -6,7 +6,7 @@
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
         --only default neighbours10 neighbours20         # round 3 (and the other candidates after "default")
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe4 \
-        --only hard_from0.5 hard_from0.75 point batch512 rank_all_samples   # round 4
+        --only hard_from0.5 hard_from0.75 point batch512 batch512_half_steps rank_all_samples  # round 4
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -78,6 +78,7 @@ CANDIDATES = {
     # and a point embedding (the reference's deterministic ablation), a batch of twice the poses.
     "point": {"model": {"probabilistic": False}},
     "batch512": {"optim": {"batch_size": 512}},
+    "batch512_half_steps": {"optim": {"batch_size": 512, "steps": 2500}},  # batch512 in the default's time
     "rank_all_samples": {"mining": {"samples": 0}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
