@@ -80,6 +80,11 @@ CANDIDATES = {
     "batch512": {"optim": {"batch_size": 512}},
     "batch512_half_steps": {"optim": {"batch_size": 512, "steps": 2500}},  # batch512 in the default's time
     "rank_all_samples": {"mining": {"samples": 0}},
+    # Round 5: the graded ranking loss (the positive and the 8 kernel-nearest poses ranked by 3D NP-MPJPE).
+    "ranking0.1": {"loss": {"ranking_weight": 0.1}},
+    "ranking1": {"loss": {"ranking_weight": 1.0}},
+    "ranking3": {"loss": {"ranking_weight": 3.0}},
+    "ranking1_4candidates": {"loss": {"ranking_weight": 1.0, "ranking_candidates": 4}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -89,7 +94,9 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "neighbours20": "default", "kappa0.07": "default", "positive0.05": "default", "dim128": "default",
                  "kl0.0001": "default", "hard": "default", "kl0.003": "default", "kl0.01": "default",
                  "margin_ln1.5": "default", "margin_ln1.25": "default", "hard_from0.5": "default",
-                 "hard_from0.75": "default", "point": "default", "rank_all_samples": "default"}
+                 "hard_from0.75": "default", "point": "default", "rank_all_samples": "default",
+                 "ranking0.1": "default", "ranking1": "default",
+                 "ranking3": "default", "ranking1_4candidates": "default"}
 
 
 def same_lifter_training(config, theirs) -> bool:

@@ -12,6 +12,7 @@ from vipe_ray.losses import (
     MatchProbability,
     a_to_raw,
     gaussian_kl,
+    graded_ranking_loss,
     kernel_distance,
     positive_pairwise_loss,
     triplet_ratio_loss,
@@ -242,3 +243,53 @@ def test_gaussian_kl_matches_torch_distributions():
     expected = torch.distributions.kl_divergence(q, p).sum(-1).mean()
     torch.testing.assert_close(gaussian_kl(mean, sigma), expected)
     assert gaussian_kl(mean, sigma).item() > 0
+
+
+# ---------------------------------------------------------------------------------------- graded ranking
+
+
+def test_graded_ranking_loss_hand_case():
+    """Two candidates: target softmax(-e / t), prediction softmax(s); cross-entropy by hand."""
+    scores = torch.tensor([[0.0, math.log(3.0)]])  # prediction 1/4, 3/4
+    error = torch.tensor([[0.0, 0.1]])
+    q0 = 1.0 / (1.0 + math.exp(-0.1 / 0.05))
+    expected = -(q0 * math.log(0.25) + (1 - q0) * math.log(0.75))
+    assert graded_ranking_loss(scores, error, 0.05).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_graded_ranking_loss_is_least_when_scores_follow_the_errors():
+    error = torch.tensor([[0.0, 0.05, 0.3], [0.2, 0.0, 0.1]], dtype=torch.float64)
+    t = 0.05
+    following = graded_ranking_loss(-error / t, error, t)
+    # At scores equal to the target's logits the cross-entropy is the target's entropy, its minimum.
+    target = torch.softmax(-error / t, 1)
+    assert following.item() == pytest.approx(-(target * target.log()).sum(1).mean().item(), rel=1e-12)
+    reversed_ = graded_ranking_loss(error / t, error, t)
+    shifted = graded_ranking_loss(-error / t + 5.0, error, t)
+    assert reversed_ > following
+    assert shifted.item() == pytest.approx(following.item(), rel=1e-12), "a shift of a row's scores changes nothing"
+
+
+def test_ranking_logits_have_no_floor_and_leave_a_b_fixed():
+    """Unlike log P (floored at log(s/2) by smoothing), the scores keep falling with distance, and only the
+    embeddings get their gradient."""
+    match = MatchProbability()
+    z1 = torch.zeros(2, 1, 1)
+    z2 = torch.tensor([[[40.0]], [[80.0]]], requires_grad=True)
+    log_p = kernel_distance(match(z1, z2)).neg()
+    assert log_p[0].item() == pytest.approx(log_p[1].item(), abs=1e-9), "log P sits at its floor for both"
+    scores = match.ranking_logits(z1, z2)
+    assert scores[0].item() == pytest.approx(math.log(sigmoid(-A0 * 40 + B0)), rel=1e-6)
+    assert scores[1] < scores[0] - 20
+    scores.sum().backward()
+    assert match.a_raw.grad is None and match.b.grad is None
+    assert z2.grad.abs().min() > 0
+
+
+def test_ranking_logits_average_the_sample_pairs():
+    match = MatchProbability()
+    z1 = torch.tensor([[[0.0], [1.0]]])
+    z2 = torch.tensor([[[0.0], [3.0]]])
+    ds = [0.0, 3.0, 1.0, 2.0]
+    expected = math.log(sum(sigmoid(-A0 * d + B0) for d in ds) / 4)
+    assert match.ranking_logits(z1, z2).item() == pytest.approx(expected, rel=1e-6)

@@ -320,3 +320,16 @@ def test_several_negatives_are_the_first_in_the_modes_order(mode, symmetric):
 def test_several_negatives_refuse_ratio_mining():
     with pytest.raises(ValueError, match="semi_hard or hard"):
         mine_triplets(torch.rand(4, 4), CountingLabels(torch.randn(4, 17, 3)), 0.1, "ratio", count=2)
+
+
+def test_nearest_candidates_put_the_positive_first_then_the_nearest_others():
+    from vipe_ray.mining import nearest_candidates
+
+    kernel = torch.tensor([[5.0, 1.0, 3.0, 2.0],
+                           [0.5, 9.0, 0.1, 4.0],
+                           [1.0, 2.0, 3.0, 0.0],
+                           [7.0, 6.0, 5.0, 0.0]])
+    assert nearest_candidates(kernel, 2).tolist() == [[0, 1, 3], [1, 2, 0], [2, 3, 0], [3, 2, 1]]
+    # The diagonal is never picked twice, and the count is capped by the others there are.
+    assert nearest_candidates(kernel, 10).shape == (4, 4)
+    assert nearest_candidates(kernel, 10)[:, 1:].eq(torch.arange(4)[:, None]).sum() == 0

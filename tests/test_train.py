@@ -317,3 +317,36 @@ def test_weight_average_is_checkpointed_used_and_resumed_exactly(tmp_path, tiny_
           progress=lambda _: None)
     with pytest.raises(ValueError, match="no weight average"):
         load_checkpoint(plain, averaged=True)
+
+
+def test_graded_ranking_loss_joins_the_step(tiny_overrides):
+    """``loss.ranking_weight``: off (0) the step is the plain one; on, the step reports the ranking loss and
+    adds its weighted value to the total."""
+    import copy
+
+    from vipe_ray.config import merge
+
+    plain = load_config(overrides=tiny_overrides)
+    ranked = load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_weight": 0.5}}))
+    table = load_table(plain.data.table_path()).select(plain.data.train_subjects)
+    batch = WindowSampler(table).sample(32, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model(plain)
+
+    def step(config):
+        m = copy.deepcopy(model)
+        optimizer, _ = build_optimizer(config, m)
+        torch.manual_seed(1)
+        return train_step(m, optimizer, batch, config, torch.Generator().manual_seed(3))
+
+    off, on = step(plain), step(ranked)
+    assert off["ranking_loss"] == 0.0
+    # The same views, samples and triplets: only the ranking term differs. Its candidates are the positive
+    # and 8 others, so the cross-entropy is positive and near log 9 at initialisation.
+    assert on["triplet_loss"] == off["triplet_loss"]
+    assert 1.0 < on["ranking_loss"] < 4.0
+    assert on["loss"] == pytest.approx(off["loss"] + 0.5 * on["ranking_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match="loss.ranking_temperature"):
+        load_config(overrides={"loss": {"ranking_temperature": 0.0}})
+    with pytest.raises(ConfigError, match="loss.ranking_candidates"):
+        load_config(overrides={"loss": {"ranking_candidates": 0}})

@@ -168,15 +168,25 @@ class LossConfig:
     margin: float = math.log(2.0)
     positive_weight: float = 0.005
     kl_weight: float = 0.001
+    #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
+    #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
+    #: (see :func:`vipe_ray.losses.graded_ranking_loss`).
+    ranking_weight: float = 0.0
+    ranking_candidates: int = 8
+    ranking_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if self.a_init <= 0:
             raise ConfigError(f"loss.a_init: {self.a_init} must be > 0 (a = ELU(raw) + 1 is positive)")
         if not 0.0 <= self.smoothing < 1.0:
             raise ConfigError(f"loss.smoothing: {self.smoothing} must lie in [0, 1)")
-        for name in ("margin", "positive_weight", "kl_weight"):
+        for name in ("margin", "positive_weight", "kl_weight", "ranking_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name}: {getattr(self, name)} must be >= 0")
+        if self.ranking_candidates < 1:
+            raise ConfigError(f"loss.ranking_candidates: {self.ranking_candidates} must be >= 1")
+        if not self.ranking_temperature > 0:
+            raise ConfigError(f"loss.ranking_temperature: {self.ranking_temperature} must be > 0")
 
 
 @dataclass(frozen=True)

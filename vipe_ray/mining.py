@@ -174,6 +174,17 @@ def mine_triplets(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: 
     return Negatives(torch.cat([f.index for f in found]), torch.cat([f.valid for f in found]))
 
 
+@torch.no_grad()
+def nearest_candidates(kernel: torch.Tensor, count: int) -> torch.Tensor:
+    """Each anchor's own positive followed by its ``count`` kernel-nearest other positives (the graded
+    ranking loss's candidates): ``[N, N]`` -> ``[N, 1 + min(count, N - 1)]`` column indices."""
+    n = kernel.shape[0]
+    others = kernel.float().clone()
+    others.fill_diagonal_(float("inf"))
+    nearest = others.topk(min(count, n - 1), dim=1, largest=False).indices
+    return torch.cat([torch.arange(n, device=kernel.device)[:, None], nearest], 1)
+
+
 def _first_negatives(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: str, ratio: float,
                      generator: torch.Generator | None, count: int) -> Negatives:
     """The first ``count`` negatives of every row, ``[N, count]``: mine, move the chosen columns past every

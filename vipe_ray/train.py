@@ -22,12 +22,13 @@ import yaml
 
 from vipe_ray import log
 from vipe_ray.cameras import RIGS, Orbits, camera_frame, sample_orbits
-from vipe_ray.config import ConfigError, KeypointDropoutConfig, TrainConfig, config_from_dict, config_to_dict
+from vipe_ray.config import (ConfigError, KeypointDropoutConfig, LossConfig, TrainConfig, config_from_dict,
+                             config_to_dict)
 from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import normalize_3d
-from vipe_ray.losses import gaussian_kl, kernel_distance, triplet_ratio_loss
+from vipe_ray.losses import gaussian_kl, graded_ranking_loss, kernel_distance, triplet_ratio_loss
 from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
-from vipe_ray.mining import mine_triplets
+from vipe_ray.mining import mine_triplets, nearest_candidates
 from vipe_ray.model import Lifter, PrVipe
 from vipe_ray.views import view_features
 
@@ -200,6 +201,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     positive = d_ap.mean()
     kl = gaussian_kl(mean, sigma) if config.model.probabilistic else torch.zeros((), device=device)
     loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
+    ranking = torch.zeros((), device=device)
+    if config.loss.ranking_weight > 0:
+        # With the ranking kernel's samples: the candidates are several per anchor, and K^2 pairs each would
+        # cost more than the triplets.
+        ranking = torch.stack([
+            _graded_ranking(kern, anchors[:, :rank_k], pool[:, :rank_k], poses, match, config.loss)
+            for kern, (anchors, pool) in zip([kernel, kernel.T], pairs)]).mean()
+        loss = loss + config.loss.ranking_weight * ranking
     mark("loss")
 
     optimizer.zero_grad(set_to_none=True)
@@ -209,12 +218,26 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     valid = negatives.valid.reshape(-1).float()
     return {
         "loss": loss.item(), "triplet_loss": triplet.item(), "positive_loss": positive.item(),
-        "kl_loss": kl.item(), "a": match.a.item(), "b": match.b.item(),
+        "kl_loss": kl.item(), "ranking_loss": ranking.item(), "a": match.a.item(), "b": match.b.item(),
         "active_triplets": active.float().mean().item(), "valid_negatives": valid.mean().item(),
         "d_ap": d_ap.mean().item(),
         "d_an": ((d_an * valid).sum() / valid.sum().clamp_min(1)).item(),
         "sigma": sigma.mean().item() if config.model.probabilistic else 0.0,
     }
+
+
+def _graded_ranking(kernel: torch.Tensor, anchors: torch.Tensor, pool: torch.Tensor, poses: CentredPoses,
+                    match: torch.nn.Module, loss: LossConfig) -> torch.Tensor:
+    """:func:`graded_ranking_loss` of ``anchors`` ``[N, K, D]`` over their positive and kernel-nearest views in
+    ``pool`` ``[N, K, D]`` (``kernel`` ``[N, N]`` ranks them; row i and column j show poses i and j)."""
+    cols = nearest_candidates(kernel, loss.ranking_candidates)  # [N, C], the positive first
+    rows = torch.arange(cols.shape[0], device=cols.device)[:, None].expand_as(cols)
+    with torch.no_grad():
+        # A pose against itself is 0 by definition: only the others need a Procrustes fit.
+        others = indexed_np_mpjpe(poses, poses, rows[:, 1:].reshape(-1), cols[:, 1:].reshape(-1))
+        error = torch.cat([torch.zeros_like(others[:cols.shape[0], None]), others.reshape(cols.shape[0], -1)], 1)
+    scores = match.ranking_logits(anchors[rows.reshape(-1)], pool[cols.reshape(-1)]).reshape(cols.shape)
+    return graded_ranking_loss(scores, error.to(scores.dtype), loss.ranking_temperature)
 
 
 def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
