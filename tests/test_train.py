@@ -323,11 +323,14 @@ def test_graded_ranking_loss_joins_the_step(tiny_overrides):
     """``loss.ranking_weight``: off (0) the step is the plain one; on, the step reports the ranking loss and
     adds its weighted value to the total."""
     import copy
+    from dataclasses import replace
 
     from vipe_ray.config import merge
 
-    plain = load_config(overrides=tiny_overrides)
-    ranked = load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_weight": 0.5}}))
+    plain = load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_weight": 0.0, "ranking_candidates": 8,
+                                                                  "ranking_views": "both"}}))
+    ranked = load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_weight": 0.5, "ranking_candidates": 8,
+                                                                   "ranking_views": "both"}}))
     table = load_table(plain.data.table_path()).select(plain.data.train_subjects)
     batch = WindowSampler(table).sample(32, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -346,7 +349,73 @@ def test_graded_ranking_loss_joins_the_step(tiny_overrides):
     assert on["triplet_loss"] == off["triplet_loss"]
     assert 1.0 < on["ranking_loss"] < 4.0
     assert on["loss"] == pytest.approx(off["loss"] + 0.5 * on["ranking_loss"], rel=1e-5)
+    # From the anchor views only: one of the two directions' lists, so a different mean, the same triplets.
+    anchor = step(replace(ranked, loss=replace(ranked.loss, ranking_views="anchor")))
+    assert anchor["triplet_loss"] == off["triplet_loss"] and anchor["ranking_loss"] != on["ranking_loss"]
+    assert 1.0 < anchor["ranking_loss"] < 4.0
+    with pytest.raises(ConfigError, match="loss.ranking_views"):
+        load_config(overrides={"loss": {"ranking_views": "positive"}})
     with pytest.raises(ConfigError, match="loss.ranking_temperature"):
         load_config(overrides={"loss": {"ranking_temperature": 0.0}})
     with pytest.raises(ConfigError, match="loss.ranking_candidates"):
         load_config(overrides={"loss": {"ranking_candidates": 0}})
+
+
+def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path):
+    """A non-finite loss raises naming the step, before that step's weights reach a checkpoint."""
+    import math
+
+    from vipe_ray.train import CHECKPOINT, TrainingDiverged, _run_loop, check_finite
+
+    check_finite({"loss": 0.5, "triplet_loss": 0.4, "a": float("nan")}, 3, "x")  # only losses are checked
+    with pytest.raises(TrainingDiverged, match=r"x: step 12 diverged \(loss=nan, triplet_loss=0.5\)"):
+        check_finite({"loss": float("nan"), "triplet_loss": 0.5}, 12, "x")
+    config = load_config(overrides=tiny_overrides)  # 6 steps, a checkpoint every 3
+    table = load_table(config.data.table_path())
+    calls = []
+
+    def diverging_step(*args, **kwargs):
+        metrics = train_step(*args, **kwargs)
+        calls.append(1)
+        return {**metrics, "loss": math.inf} if len(calls) == 5 else metrics
+
+    with pytest.raises(TrainingDiverged, match=f"{CHECKPOINT}: step 5 diverged"):
+        _run_loop("prvipe", tmp_path, CHECKPOINT, "prvipe", config, table, build_model(config), diverging_step,
+                  False, lambda _m: None, ("loss",))
+    kept = load_checkpoint(tmp_path)
+    assert kept.step == 3
+    assert all(torch.isfinite(p).all() for p in kept.model.parameters())
+
+
+def test_resume_fills_keys_added_since_the_checkpoint(tiny_overrides, tmp_path):
+    """A checkpoint saved before a config key existed resumes when the new key keeps its default (the old
+    behaviour), and is refused, without touching the run's files, when it does not."""
+    from vipe_ray.config import merge
+    from vipe_ray.train import CHECKPOINT
+
+    old_behaviour = {"loss": {"ranking_weight": 0.0, "ranking_candidates": 8, "ranking_temperature": 0.05,
+                              "ranking_views": "both"}, "lifter_baseline": False}
+    config = load_config(overrides=merge(tiny_overrides, old_behaviour))
+    train(config, tmp_path)
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    for key in ("ranking_weight", "ranking_candidates", "ranking_temperature", "ranking_views"):
+        del payload["config"]["loss"][key]
+    torch.save(payload, tmp_path / CHECKPOINT)
+    assert train(config, tmp_path, resume=True)["prvipe"]["steps"] == config.optim.steps
+    saved = (tmp_path / "config.yaml").read_text()
+    ranked = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": False}))  # the default's loss
+    with pytest.raises(ConfigError, match="different config"):
+        train(ranked, tmp_path, resume=True)
+    assert (tmp_path / "config.yaml").read_text() == saved, "a refused resume leaves config.yaml as it was"
+
+
+def test_graded_ranking_of_a_one_pose_batch_is_zero():
+    from vipe_ray.losses import MatchProbability
+    from vipe_ray.matching import CentredPoses
+    from vipe_ray.train import _graded_ranking
+
+    config = load_config(overrides={"loss": {"ranking_weight": 1.0}})
+    z = torch.randn(1, 4, 8, requires_grad=True)
+    poses = CentredPoses.of(torch.randn(1, 1, 17, 3))
+    loss = _graded_ranking(torch.zeros(1, 1), z, z, poses, MatchProbability(), config.loss)
+    assert loss.item() == 0.0

@@ -170,10 +170,13 @@ class LossConfig:
     kl_weight: float = 0.001
     #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
     #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
-    #: (see :func:`vipe_ray.losses.graded_ranking_loss`).
+    #: (see :func:`vipe_ray.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
+    #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only,
+    #: half the cost.
     ranking_weight: float = 0.0
     ranking_candidates: int = 8
     ranking_temperature: float = 0.05
+    ranking_views: str = "both"
 
     def __post_init__(self) -> None:
         if self.a_init <= 0:
@@ -187,6 +190,8 @@ class LossConfig:
             raise ConfigError(f"loss.ranking_candidates: {self.ranking_candidates} must be >= 1")
         if not self.ranking_temperature > 0:
             raise ConfigError(f"loss.ranking_temperature: {self.ranking_temperature} must be > 0")
+        if self.ranking_views not in ("both", "anchor"):
+            raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
 
 
 @dataclass(frozen=True)

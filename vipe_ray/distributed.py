@@ -33,8 +33,8 @@ from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
 from vipe_ray.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
-from vipe_ray.train import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, rng_state, train_step,
-                            weight_average)
+from vipe_ray.train import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, check_finite,
+                            rng_state, train_step, weight_average)
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,9 @@ def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState
     while step < total:
         window.append(train_step(ddp_model, optimizer, shard.sample(batch, generator), config, generator,
                                  progress=step / total))
+        # Before the report or checkpoint of this step: a diverged run fails with its step, Ray Train ends the
+        # other workers, and the last checkpoint stays the last good one.
+        check_finite(window[-1], step + 1, f"worker {worker.rank}")
         scheduler.step()
         if state.average is not None:
             state.average.update(model)

@@ -61,10 +61,10 @@ class MatchProbability(nn.Module):
         """``log mean sigmoid(-a d + b)`` over the K1 x K2 sample pairs, without smoothing and with a and b held
         fixed: ``[batch, K1, D] x [batch, K2, D] -> [batch]``.
 
-        The graded ranking loss's scores. Smoothing puts a floor under ``log P``: at the floor every candidate
-        scores the same, and a ranking on ``log P`` can be met by pushing all pairs there (training then
-        collapses). ``log sigmoid(x) ~ x`` for x << 0 has no floor; fixed a and b leave the sigmoid to the
-        triplet loss.
+        The graded ranking loss's scores. Smoothing puts a floor under ``log P``, where every candidate scores
+        the same and the gradient vanishes: a ranking on ``log P`` drove training onto that plateau, where it
+        stayed (triplet loss at ln 2). ``log sigmoid(x) ~ x`` for x << 0 has no floor; fixed a and b leave the
+        sigmoid to the triplet loss.
         """
         distance = torch.cdist(z1, z2, compute_mode="donot_use_mm_for_euclid_dist")
         logs = F.logsigmoid(-self.a.detach() * distance + self.b.detach()).flatten(-2)

@@ -176,8 +176,9 @@ def mine_triplets(kernel: torch.Tensor, labels: PairLabels, kappa: float, mode: 
 
 @torch.no_grad()
 def nearest_candidates(kernel: torch.Tensor, count: int) -> torch.Tensor:
-    """Each anchor's own positive followed by its ``count`` kernel-nearest other positives (the graded
-    ranking loss's candidates): ``[N, N]`` -> ``[N, 1 + min(count, N - 1)]`` column indices."""
+    """Each anchor's own positive followed by its ``count`` kernel-nearest other views of the pool (the graded
+    ranking loss's candidates; row i and column i show the same pose): ``[N, N]`` -> ``[N, 1 + min(count, N - 1)]``
+    column indices."""
     n = kernel.shape[0]
     others = kernel.float().clone()
     others.fill_diagonal_(float("inf"))

@@ -205,9 +205,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     if config.loss.ranking_weight > 0:
         # With the ranking kernel's samples: the candidates are several per anchor, and K^2 pairs each would
         # cost more than the triplets.
+        views = pairs if config.loss.ranking_views == "both" else pairs[:1]
         ranking = torch.stack([
             _graded_ranking(kern, anchors[:, :rank_k], pool[:, :rank_k], poses, match, config.loss)
-            for kern, (anchors, pool) in zip([kernel, kernel.T], pairs)]).mean()
+            for kern, (anchors, pool) in zip([kernel, kernel.T], views)]).mean()
         loss = loss + config.loss.ranking_weight * ranking
     mark("loss")
 
@@ -235,7 +236,7 @@ def _graded_ranking(kernel: torch.Tensor, anchors: torch.Tensor, pool: torch.Ten
     with torch.no_grad():
         # A pose against itself is 0 by definition: only the others need a Procrustes fit.
         others = indexed_np_mpjpe(poses, poses, rows[:, 1:].reshape(-1), cols[:, 1:].reshape(-1))
-        error = torch.cat([torch.zeros_like(others[:cols.shape[0], None]), others.reshape(cols.shape[0], -1)], 1)
+        error = torch.cat([others.new_zeros(cols.shape[0], 1), others.reshape(cols.shape[0], -1)], 1)
     scores = match.ranking_logits(anchors[rows.reshape(-1)], pool[cols.reshape(-1)]).reshape(cols.shape)
     return graded_ranking_loss(scores, error.to(scores.dtype), loss.ranking_temperature)
 
@@ -330,6 +331,35 @@ def _format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
+def resumable_checkpoint(path: Path, config: TrainConfig, table: PoseTable, resume: bool) -> dict | None:
+    """The checkpoint at ``path`` to resume (None when there is none), refused unless ``resume`` and trained with
+    the same config (keys added since fill in with their defaults, which keep old behaviour) and data."""
+    if not path.exists():
+        return None
+    if not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if config_to_dict(config_from_dict(payload.get("config") or {}, str(path))) != config_to_dict(config):
+        raise ConfigError(f"{path}: checkpoint was trained with a different config; resume needs the same one")
+    if payload.get("data_checksum") != table.checksum:
+        raise ConfigError(f"{path}: checkpoint data checksum {payload.get('data_checksum')} differs from "
+                          f"{table.path} ({table.checksum})")
+    return payload
+
+
+class TrainingDiverged(RuntimeError):
+    """A step gave a non-finite loss: training stops before anything of that step is saved."""
+
+
+def check_finite(metrics: dict[str, float], step: int, where: str) -> None:
+    """Raise :class:`TrainingDiverged` naming the step and its losses when any of them is not finite."""
+    losses = {k: v for k, v in metrics.items() if k.endswith("loss") or k == "lifter_mpjpe"}
+    if not all(math.isfinite(v) for v in losses.values()):
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        raise TrainingDiverged(f"{where}: step {step} diverged ({terms}); this step was not saved, the last "
+                               "checkpoint is intact. Lower optim.lr or the loss weights (loss.*_weight).")
+
+
 def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, table: PoseTable,
               model: torch.nn.Module, step_fn: Callable, resume: bool, progress: Callable[[str], None],
               log_keys: tuple[str, ...], on_log: Callable[[int, dict], None] | None = None) -> dict:
@@ -339,16 +369,8 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
     generator = torch.Generator().manual_seed(config.seed + (0 if kind == "prvipe" else 7919))
     torch.manual_seed(config.seed)
     step = 0
-    payload = None
-    if path.exists():
-        if not resume:
-            raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.get("config") != config_to_dict(config):
-            raise ConfigError(f"{path}: checkpoint was trained with a different config; resume needs the same one")
-        if payload.get("data_checksum") != table.checksum:
-            raise ConfigError(f"{path}: checkpoint data checksum {payload.get('data_checksum')} differs from "
-                              f"{table.path} ({table.checksum})")
+    payload = resumable_checkpoint(path, config, table, resume)
+    if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -377,6 +399,7 @@ def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, t
         while step < total:
             batch = sampler.sample(config.optim.batch_size, generator)
             metrics = step_fn(model, optimizer, batch, config, generator, progress=step / total)
+            check_finite(metrics, step + 1, str(path))
             scheduler.step()
             if average is not None:
                 average.update(model)
@@ -410,11 +433,15 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     table = load_table(config.data.table_path())
     progress(f"data: {table.path} ({len(table)} frames at {table.fps} fps, sha256 {table.checksum[:12]}); "
              f"train subjects {list(config.data.train_subjects)}")
+    # Refuse a run directory it may not continue before overwriting anything in it.
+    resumable_checkpoint(out / CHECKPOINT, config, table, resume)
+    if config.lifter_baseline:
+        resumable_checkpoint(out / LIFTER_CHECKPOINT, config, table, resume)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     torch.manual_seed(config.seed)
     summary = {"prvipe": _run_loop(
         "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, resume, progress,
-        ("loss", "triplet_loss", "active_triplets", "a", "b"))}
+        ("loss", "triplet_loss", "ranking_loss", "active_triplets", "a", "b"))}
     if config.lifter_baseline:
         summary["lifter"] = train_lifter(config, out, resume, progress, table)
     return summary
