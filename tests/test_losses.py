@@ -15,6 +15,7 @@ from vipe_ray.losses import (
     graded_ranking_loss,
     kernel_distance,
     positive_pairwise_loss,
+    sample_distances,
     triplet_ratio_loss,
 )
 
@@ -172,6 +173,35 @@ def test_gradients_reach_a_b_and_embeddings():
     assert m.b.grad.item() < 0
     # A steeper sigmoid lowers the probability at positive distances: dL/da_raw > 0.
     assert m.a_raw.grad.item() > 0
+
+
+@pytest.mark.parametrize("k1,k2", [(20, 20), (8, 8), (4, 4), (1, 3)])
+def test_sample_distances_equal_cdist_in_value_and_gradient(k1, k2):
+    """Both paths (the centred product for many samples, cdist for few) give cdist's distances and gradients."""
+    g = torch.Generator().manual_seed(4)
+    # Embeddings far from the origin, with samples close together: where an uncentred |x|^2 + |y|^2 - 2 x.y
+    # would cancel.
+    centre = 30.0 * torch.randn(6, 1, 64, generator=g)
+    z1 = (centre + 0.05 * torch.randn(6, k1, 64, generator=g)).requires_grad_()
+    z2 = (centre + 0.05 * torch.randn(6, k2, 64, generator=g)).requires_grad_()
+    probe = torch.randn(6, k1, k2, generator=g)
+    d = sample_distances(z1, z2)
+    (d * probe).sum().backward()
+    z1d, z2d = z1.detach().double().requires_grad_(), z2.detach().double().requires_grad_()
+    exact = torch.cdist(z1d, z2d)
+    (exact * probe.double()).sum().backward()
+    assert d.shape == (6, k1, k2)
+    torch.testing.assert_close(d.double(), exact, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(z1.grad.double(), z1d.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(z2.grad.double(), z2d.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_sample_distances_of_coinciding_samples_are_zero_with_a_finite_gradient():
+    z = torch.randn(3, 10, 16, requires_grad=True)
+    d = sample_distances(z, z)
+    assert d.diagonal(dim1=1, dim2=2).max().item() < 1e-2
+    d.sum().backward()
+    assert torch.isfinite(z.grad).all()
 
 
 # ----------------------------------------------------------------------------------------------- losses

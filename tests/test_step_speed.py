@@ -24,14 +24,38 @@ def test_dropout_is_inverted_dropout_with_the_right_keep_rate():
     x = torch.ones(200_000, requires_grad=True)
     y = layer(x)
     kept = y > 0
-    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / 0.7)]
+    # The keep rate is 0.7 rounded to 2^-15 (22938 / 32768), and the kept units are scaled by its inverse.
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(32768 / 22938, rel=1e-6)]
     # Binomial(200000, 0.7): standard deviation ~0.001 of the share.
     assert abs(kept.float().mean().item() - 0.7) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01, "unbiased: E[y] = x"
     y.sum().backward()
     assert torch.equal(x.grad, y.detach()), "the gradient is the same scaled mask"
     layer.eval()
     assert layer(x) is x
     assert Dropout(0.0)(x) is x
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (256, 1024)])
+def test_dropout_masks_are_independent_of_position_and_reproducible(shape):
+    """Any size (not only multiples of the four masks cut from one 64-bit draw); every unit kept alike (no bit of
+    the 16 biased); the same masks under the same global seed."""
+    torch.manual_seed(1)
+    layer = Dropout(0.5)
+    x = torch.ones(shape)
+    masks = torch.stack([layer(x) > 0 for _ in range(4000 if x.numel() < 100 else 4)])
+    assert masks.shape[1:] == shape
+    share = masks.float().mean(0)
+    if x.numel() < 100:
+        # 4000 draws per unit: standard deviation 0.008 of the share.
+        assert (share - 0.5).abs().max().item() < 0.04, share
+    else:
+        # Units at each of the four positions within a 64-bit draw are kept alike.
+        per_slot = masks.float().reshape(4, -1, 4).mean((0, 1))
+        assert (per_slot - 0.5).abs().max().item() < 0.005, per_slot
+    torch.manual_seed(1)
+    again = torch.stack([layer(x) > 0 for _ in range(masks.shape[0])])
+    assert torch.equal(masks, again)
 
 
 def test_precision_is_a_validated_config_field():

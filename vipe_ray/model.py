@@ -24,15 +24,23 @@ FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
 
 
 class Dropout(nn.Dropout):
-    """Inverted dropout whose mask is ``uniform < 1 - p``: the same distribution as ``nn.Dropout``, drawn about 3x
-    faster on CPU than its ``bernoulli_`` (a training step has five ``[2 batch, width]`` masks)."""
+    """Inverted dropout with a mask drawn from 16 random bits per unit: the keep rate is ``1 - p`` rounded to a
+    multiple of 2^-15 and the kept units are scaled by its inverse, so the layer stays unbiased.
+
+    On CPU the random bits cost most of a dropout layer: ``nn.Dropout``'s ``bernoulli_`` draws about 3.5x
+    slower, and one fp32 uniform per unit 2.5x slower, than four 16-bit draws cut from each 64-bit one (a
+    training step has five ``[2 batch, width]`` masks).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = 1.0 - self.p
-        # Uniforms in fp32 whatever x's dtype: bf16 uniforms would round the keep rate.
-        return x * (torch.rand(x.shape, device=x.device) < keep).to(x.dtype).mul_(1.0 / keep)
+        threshold = round((1.0 - self.p) * 32768)
+        words = -(-x.numel() // 4)
+        # random_() on int64 draws from [0, 2^63): the lowest 15 bits of every 16 are uniform.
+        bits = torch.empty(words, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:x.numel()]
+        keep = (bits & 0x7FFF) < threshold
+        return x * keep.view(x.shape).to(x.dtype).mul_(32768.0 / threshold)
 
 
 class FullyConnected(nn.Sequential):

@@ -194,7 +194,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     pairs = [(z_a, z_p)] + ([(z_p, z_a)] if mining.symmetric else [])
     m = mining.negatives
     d_an = torch.cat([
-        kernel_distance(match(anchors.repeat_interleave(m, 0), pool[index.reshape(-1)]))
+        kernel_distance(match(anchors.repeat_interleave(m, 0), pool.index_select(0, index.reshape(-1))))
         for (anchors, pool), index in zip(pairs, negatives.index.split(b))])
     triplet, active = triplet_ratio_loss(d_ap.repeat_interleave(m).repeat(len(pairs)), d_an,
                                          negatives.valid.reshape(-1), config.loss.margin)
@@ -237,7 +237,9 @@ def _graded_ranking(kernel: torch.Tensor, anchors: torch.Tensor, pool: torch.Ten
         # A pose against itself is 0 by definition: only the others need a Procrustes fit.
         others = indexed_np_mpjpe(poses, poses, rows[:, 1:].reshape(-1), cols[:, 1:].reshape(-1))
         error = torch.cat([others.new_zeros(cols.shape[0], 1), others.reshape(cols.shape[0], -1)], 1)
-    scores = match.ranking_logits(anchors[rows.reshape(-1)], pool[cols.reshape(-1)]).reshape(cols.shape)
+    # index_select, not pool[cols]: its backward (index_add) is ~4x faster on CPU than advanced indexing's.
+    scores = match.ranking_logits(anchors.index_select(0, rows.reshape(-1)),
+                                  pool.index_select(0, cols.reshape(-1))).reshape(cols.shape)
     return graded_ranking_loss(scores, error.to(scores.dtype), loss.ranking_temperature)
 
 
