@@ -25,7 +25,7 @@ import torch
 from vipe_ray.config import config_from_dict, config_to_dict, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.distributed import (Scaling, WorkerCallback, WorkerInfo, dataset_to_table, fit, pose_dataset,
-                                  start_state, worker_threads)
+                                  resumed_payload, start_state, worker_threads)
 from vipe_ray.train import build_model, build_optimizer, load_checkpoint, train_step
 
 #: Two workers on a 2-CPU cluster, leaving room for Ray Data's tasks.
@@ -292,6 +292,26 @@ def test_a_resumed_worker_state_is_on_its_device_and_steps(tiny_overrides):
     batch = WindowSampler(table).sample(config.optim.batch_size, resumed.generator)
     metrics = train_step(resumed.model, resumed.optimizer, batch, config, resumed.generator)
     assert np.isfinite(metrics["loss"])
+
+
+def test_a_worker_refuses_a_checkpoint_of_another_config_or_data(tiny_overrides, tmp_path):
+    """A sweep --resume rebuilds trial configs from today's files: a worker must not continue a checkpoint
+    trained with another config (named key by key) or data, and continues its own."""
+    from vipe_ray.config import ConfigError
+    from vipe_ray.distributed import CHECKPOINT
+
+    config = _config(tiny_overrides)
+    data = {"path": "poses.parquet", "checksum": "abc"}
+    payload = {**_trained_payload(config), "config": config_to_dict(config), "data_checksum": "abc"}
+    torch.save(payload, tmp_path / CHECKPOINT)
+    assert resumed_payload(str(tmp_path), config, data)["step"] == 2
+    edited = config_from_dict(merge(config_to_dict(config), {"loss": {"ranking_weight": 1.0}, "seed": 3}))
+    with pytest.raises(ConfigError, match=r"different config .*sweep --resume") as refused:
+        resumed_payload(str(tmp_path), edited, data)
+    assert "seed: 0 -> 3" in str(refused.value)
+    assert f"loss.ranking_weight: {config.loss.ranking_weight!r} -> 1.0" in str(refused.value)
+    with pytest.raises(ConfigError, match=r"data checksum abc differs from poses.parquet \(xyz\)"):
+        resumed_payload(str(tmp_path), config, {**data, "checksum": "xyz"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -81,6 +81,11 @@ def test_protocol_on_real_subject(tiny_overrides):
         for modes in result["occlusion"][rig].values():
             assert set(modes) == {"clean", "occluded"}
             assert all(set(per) == {"prvipe", "prvipe_mean", "nn2d"} for per in modes.values())
+    assert set(result["paired"]) == {"h36m", "novel", "wide"}
+    for rig, pairs in result["paired"].items():
+        assert set(pairs) == {"prvipe-nn2d"}, "no lifter: no difference to it"
+        difference = result["rigs"][rig]["prvipe"]["hit@1"] - result["rigs"][rig]["nn2d"]["hit@1"]
+        assert pairs["prvipe-nn2d"]["hit@1"]["mean"] == pytest.approx(difference, abs=1e-12)
     for methods in result["rigs"].values():
         assert set(methods) == {"prvipe", "prvipe_mean", "nn2d"}
         for hits in methods.values():
@@ -98,6 +103,28 @@ def test_protocol_on_real_subject(tiny_overrides):
     expected = [100 * result["occlusion"][rig]["group:lower_body"]["occluded"][m]["hit@1"]
                 for rig in ("h36m", "novel", "wide") for m in ("prvipe", "nn2d")]
     assert cells == pytest.approx(expected, abs=0.051)
+
+
+def test_paired_difference_by_hand():
+    """Per-query hits averaged over the camera pairs, then differenced query by query: mean and its standard
+    error over the queries (here two camera pairs, four queries)."""
+    from vipe_ray.evaluate import _average, format_markdown
+
+    pair_a = {"prvipe": {"hit@1": torch.tensor([1.0, 1.0, 0.0, 1.0])},
+              "lift3d": {"hit@1": torch.tensor([1.0, 0.0, 0.0, 1.0])}}
+    pair_b = {"prvipe": {"hit@1": torch.tensor([1.0, 0.0, 0.0, 1.0])},
+              "lift3d": {"hit@1": torch.tensor([1.0, 0.0, 1.0, 1.0])}}
+    se, paired = {}, {}
+    out = _average([pair_a, pair_b], se=se, paired=paired)
+    # Per query: Pr-VIPE (1, 0.5, 0, 1), lifting (1, 0, 0.5, 1); differences (0, 0.5, -0.5, 0).
+    assert out["prvipe"]["hit@1"] == pytest.approx(0.625) and out["lift3d"]["hit@1"] == pytest.approx(0.625)
+    differences = torch.tensor([0.0, 0.5, -0.5, 0.0], dtype=torch.float64)
+    assert paired["prvipe-lift3d"]["hit@1"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert paired["prvipe-lift3d"]["hit@1"]["se"] == pytest.approx(differences.std().item() / 2)
+    assert "prvipe-nn2d" not in paired, "only pairs whose methods both ran"
+    assert se["prvipe"]["hit@1"] == pytest.approx(torch.tensor([1, 0.5, 0, 1.0]).std().item() / 2)
+    result = {"rigs": {"h36m": out}, "paired": {"h36m": paired}}
+    assert "| h36m | Pr-VIPE - lifting | +0.0 +- 20.4 |" in format_markdown(result, ks=(1,)).splitlines()
 
 
 def test_hits_at_k_never_counts_an_unretrievable_query():

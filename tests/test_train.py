@@ -111,7 +111,7 @@ def test_existing_run_needs_resume_and_same_config(tmp_path, tiny_overrides):
         train(config, tmp_path / "run", progress=lambda _: None)
     other = load_config(overrides={**tiny_overrides, "seed": 5})
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 5\)"):
         train(other, tmp_path / "run", resume=True, progress=lambda _: None)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before, "a refused resume leaves the checkpoint alone"
 
@@ -381,7 +381,7 @@ def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overr
 
     with pytest.raises(TrainingDiverged, match=f"{CHECKPOINT}: step 5 diverged"):
         _run_loop("prvipe", tmp_path, CHECKPOINT, "prvipe", config, table, build_model(config), diverging_step,
-                  False, lambda _m: None, ("loss",))
+                  None, lambda _m: None, ("loss",))
     kept = load_checkpoint(tmp_path)
     assert kept.step == 3
     assert all(torch.isfinite(p).all() for p in kept.model.parameters())

@@ -34,7 +34,7 @@ from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_t
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
 from vipe_ray.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
 from vipe_ray.train import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, check_finite,
-                            rng_state, train_step, weight_average)
+                            check_resumable, rng_state, train_step, weight_average)
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,23 @@ def start_state(config: TrainConfig, rank: int, device: torch.device | str, payl
     return TrainState(model, optimizer, scheduler, generator, step, average)
 
 
+def resumed_payload(directory: str, config: TrainConfig, data: dict) -> dict:
+    """The checkpoint a restarted or resumed worker continues, from Ray Train's checkpoint ``directory``.
+
+    Refused (:class:`ConfigError`, naming the changed keys) when it was trained with another config or data: a
+    sweep's ``--resume`` rebuilds every trial's config from the sweep and base-config files as they are now,
+    so an edit to them (or to the shipped default) would otherwise change unfinished trials silently.
+    """
+    path = os.path.join(directory, CHECKPOINT)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        check_resumable(payload, config, data["checksum"], path, f"{data['path']} ({data['checksum']})")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}. A sweep --resume rebuilds each trial's config from the sweep YAML and its "
+                          "base config as they are now: restore them, or start the sweep afresh") from None
+    return payload
+
+
 def _write_checkpoint(payload: dict) -> Any:
     from ray.train import Checkpoint
 
@@ -222,7 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            payload = torch.load(os.path.join(directory, CHECKPOINT), map_location="cpu", weights_only=False)
+            payload = resumed_payload(directory, config, data)
     state = start_state(config, rank, device, payload)
     nodes = _all_ranks(ray.get_runtime_context().get_node_id(), world)
     worker = WorkerInfo(rank, world, nodes[rank], str(device), state.step)

@@ -29,11 +29,14 @@ embedding: as a query it misses, as an index pose it is never retrieved. Result 
     {"rigs": {rig: {method: {"hit@k": fraction}}},
      "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}},
      "invalid": {rig: {pattern: fraction}}, "cameras": {rig: [camera, ...]},
-     "se": {rig: {method: {"hit@k": standard error over queries}}}, ...}
+     "se": {rig: {method: {"hit@k": standard error over queries}}},
+     "paired": {rig: {"prvipe-lift3d" | "prvipe-nn2d": {"hit@k": {"mean": difference, "se": its error}}}}, ...}
 
 ``se`` (clean protocol) treats each query, its hits averaged over the camera pairs, as one observation: the
 standard error says how far a Hit@k could move with other poses of the same subjects, which is what decides
-whether two configurations can be told apart on that set.
+whether two configurations can be told apart on that set. ``paired`` compares Pr-VIPE with a baseline on the
+same queries: the mean and standard error of the per-query differences, the test of "at or above the
+baseline" on that set (the methods share the hard queries, so it is tighter than either method's ``se``).
 """
 
 from __future__ import annotations
@@ -209,20 +212,38 @@ def _generator(seed: int, rig: str, camera: int, protocol: str) -> torch.Generat
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{rig}/{camera}/{protocol}".encode()))
 
 
-def _average(per_pair: list[dict[str, dict[str, torch.Tensor]]],
-             se: dict | None = None) -> dict[str, dict[str, float]]:
+#: Paired differences the clean protocol reports: Pr-VIPE against each baseline on the same queries.
+PAIRED = (("prvipe", "lift3d"), ("prvipe", "nn2d"))
+
+
+def _average(per_pair: list[dict[str, dict[str, torch.Tensor]]], se: dict | None = None,
+             paired: dict | None = None) -> dict[str, dict[str, float]]:
     """Hit@k over queries and camera pairs; with ``se``, also fill it with each value's standard error over
-    queries (a query's hits averaged over the pairs is one observation: the queries are the sample)."""
+    queries (a query's hits averaged over the pairs is one observation: the queries are the sample); with
+    ``paired``, the difference of each pair of :data:`PAIRED` methods and its standard error over the per-query
+    differences (much smaller than either method's own when the two miss the same hard queries)."""
     out: dict[str, dict[str, float]] = {}
+    per_query: dict[str, dict[str, torch.Tensor]] = {}
     for method in per_pair[0]:
         out[method] = {}
         for key in per_pair[0][method]:
-            per_query = torch.stack([p[method][key] for p in per_pair]).double().mean(0)  # [queries]
-            out[method][key] = per_query.mean().item()
+            hits = torch.stack([p[method][key] for p in per_pair]).double().mean(0)  # [queries]
+            per_query.setdefault(method, {})[key] = hits
+            out[method][key] = hits.mean().item()
             if se is not None:
-                n = per_query.numel()
-                se.setdefault(method, {})[key] = (per_query.std().item() / math.sqrt(n)) if n > 1 else math.nan
+                se.setdefault(method, {})[key] = _standard_error(hits)
+    if paired is not None:
+        for a, b in PAIRED:
+            if a in per_query and b in per_query:
+                paired[f"{a}-{b}"] = {key: {"mean": (per_query[a][key] - per_query[b][key]).mean().item(),
+                                            "se": _standard_error(per_query[a][key] - per_query[b][key])}
+                                      for key in per_query[a]}
     return out
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    n = values.numel()
+    return values.std().item() / math.sqrt(n) if n > 1 else math.nan
 
 
 @torch.no_grad()
@@ -249,7 +270,8 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
     # The match probability's two scalars on the CPU, beside the embeddings (the same module on a CPU model).
     match: MatchProbability = model.match if _device(model).type == "cpu" else copy.deepcopy(model.match).cpu()
     methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
-    result: dict = {"rigs": {}, "se": {}, "occlusion": {}, "invalid": {}, "cameras": {}, "queries": int(len(rows)),
+    result: dict = {"rigs": {}, "se": {}, "paired": {}, "occlusion": {}, "invalid": {}, "cameras": {},
+                    "queries": int(len(rows)),
                     "subjects": table.subjects, "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa,
                     "frames": frames}
     windows = torch.from_numpy(table.joints[window_rows(table, rows, frames, stride)]).double()
@@ -264,7 +286,8 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                  for i, p in enumerate(pixels)]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
         result["rigs"][name] = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods)
-                                         for i, j in pairs], se=result["se"].setdefault(name, {}))
+                                         for i, j in pairs], se=result["se"].setdefault(name, {}),
+                                        paired=result["paired"].setdefault(name, {}))
         progress(f"[evaluate] rig {name}: {len(rows)} queries x {len(pairs)} camera pairs "
                  f"({time.perf_counter() - start:.0f} s)")
         if not ev.occlusion:
@@ -305,6 +328,10 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
             if method in methods:
                 cells = "".join(f"{100 * methods[method][f'hit@{k}']:>9.1f}" for k in ks)
                 lines.append(f"{rig:<{width}} {method:<12}{cells}")
+    differences = _paired_rows(result, ks)
+    if differences:
+        lines += ["", "paired differences (points, +- standard error over queries)"]
+        lines += [f"{rig:<{width}} {name:<20} " + "  ".join(cells) for rig, name, cells in differences]
     occlusion = result.get("occlusion") or {}
     if any(occlusion.values()):
         methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
@@ -320,6 +347,14 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     return "\n".join(lines)
 
 
+def _paired_rows(result: dict, ks: tuple[int, ...]) -> list[tuple[str, str, list[str]]]:
+    """(rig, "Pr-VIPE - lifting", ["+1.2 +- 0.8", ...]) per rig and pair of the result's ``paired`` block."""
+    names = {"prvipe-lift3d": "Pr-VIPE - lifting", "prvipe-nn2d": "Pr-VIPE - 2D-NN"}
+    return [(rig, names.get(pair, pair), [f"{100 * d[f'hit@{k}']['mean']:+.1f} +- {100 * d[f'hit@{k}']['se']:.1f}"
+                                          for k in ks])
+            for rig, pairs in (result.get("paired") or {}).items() for pair, d in pairs.items()]
+
+
 METHOD_NAMES = {"prvipe": "Pr-VIPE (-log P over samples)", "prvipe_mean": "Pr-VIPE (embedding means)",
                 "nn2d": "2D nearest neighbour (Procrustes)", "lift3d": "3D lifting + NP-MPJPE"}
 
@@ -333,6 +368,11 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
             if method in methods:
                 cells = " | ".join(f"{100 * methods[method][f'hit@{k}']:.1f}" for k in ks)
                 lines.append(f"| {rig} | {METHOD_NAMES[method]} | {cells} |")
+    differences = _paired_rows(result, ks)
+    if differences:
+        lines += ["", "| rig | paired difference (points, +- standard error over queries) | "
+                  + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in differences]
     occlusion = {rig: patterns for rig, patterns in (result.get("occlusion") or {}).items() if patterns}
     if occlusion:
         methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
@@ -359,7 +399,8 @@ LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg
 
 
 def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
-    """A result as flat metric names: ``{prefix}{rig}/{method}/hit@k`` (clean),
+    """A result as flat metric names: ``{prefix}{rig}/{method}/hit@k`` (clean), ``{prefix}{rig}/{a}-{b}/hit@k``
+    (paired differences),
     ``{prefix}{rig}/{pattern}/{index}/{method}/hit@1`` (occlusion), ``{prefix}{rig}/{method}/hit@k_se``,
     and the summaries ``{prefix}hit@k`` (Pr-VIPE over the rigs) and ``{prefix}hit@1_1limb`` (Pr-VIPE, one
     limb hidden, clean index, over the limbs and rigs); the lifter and 2D-NN get ``{prefix}{method}_hit@k``."""
@@ -371,6 +412,11 @@ def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
                 se = result.get("se", {}).get(rig, {}).get(method, {}).get(key)
                 if se is not None:
                     out[f"{prefix}{rig}/{method}/{key}_se"] = se
+    for rig, pairs in (result.get("paired") or {}).items():
+        for pair, hits in pairs.items():
+            for key, value in hits.items():
+                out[f"{prefix}{rig}/{pair}/{key}"] = value["mean"]
+                out[f"{prefix}{rig}/{pair}/{key}_se"] = value["se"]
     for rig, patterns in (result.get("occlusion") or {}).items():
         for pattern, modes in patterns.items():
             for mode, methods in modes.items():

@@ -23,7 +23,7 @@ import yaml
 from vipe_ray import log
 from vipe_ray.cameras import RIGS, Orbits, camera_frame, sample_orbits
 from vipe_ray.config import (ConfigError, KeypointDropoutConfig, LossConfig, TrainConfig, config_from_dict,
-                             config_to_dict)
+                             config_to_dict, flatten)
 from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import normalize_3d
 from vipe_ray.losses import gaussian_kl, graded_ranking_loss, kernel_distance, triplet_ratio_loss
@@ -334,19 +334,33 @@ def _format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
 
 
 def resumable_checkpoint(path: Path, config: TrainConfig, table: PoseTable, resume: bool) -> dict | None:
-    """The checkpoint at ``path`` to resume (None when there is none), refused unless ``resume`` and trained with
-    the same config (keys added since fill in with their defaults, which keep old behaviour) and data."""
+    """The checkpoint at ``path`` to resume (None when there is none), refused unless ``resume`` and
+    :func:`check_resumable`."""
     if not path.exists():
         return None
     if not resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    if config_to_dict(config_from_dict(payload.get("config") or {}, str(path))) != config_to_dict(config):
-        raise ConfigError(f"{path}: checkpoint was trained with a different config; resume needs the same one")
-    if payload.get("data_checksum") != table.checksum:
-        raise ConfigError(f"{path}: checkpoint data checksum {payload.get('data_checksum')} differs from "
-                          f"{table.path} ({table.checksum})")
+    check_resumable(payload, config, table.checksum, str(path), f"{table.path} ({table.checksum})")
     return payload
+
+
+def check_resumable(payload: dict, config: TrainConfig, checksum: str, where: str, data: str) -> None:
+    """Refuse to continue the checkpoint ``payload`` (read from ``where``) with another config or other data.
+
+    Keys added since the checkpoint was written fill in with their defaults (which keep old behaviour); any
+    other difference is named, up to five keys, with the checkpoint's value and the new one.
+    """
+    saved = flatten(config_to_dict(config_from_dict(payload.get("config") or {}, where)))
+    now = flatten(config_to_dict(config))
+    changed = [key for key in now if saved.get(key) != now[key]]
+    if changed:
+        shown = "; ".join(f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ConfigError(f"{where}: checkpoint was trained with a different config ({shown}{more}); resume "
+                          "needs the same one")
+    if payload.get("data_checksum") != checksum:
+        raise ConfigError(f"{where}: checkpoint data checksum {payload.get('data_checksum')} differs from {data}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -363,15 +377,15 @@ def check_finite(metrics: dict[str, float], step: int, where: str) -> None:
 
 
 def _run_loop(name: str, out: Path, file: str, kind: str, config: TrainConfig, table: PoseTable,
-              model: torch.nn.Module, step_fn: Callable, resume: bool, progress: Callable[[str], None],
+              model: torch.nn.Module, step_fn: Callable, payload: dict | None, progress: Callable[[str], None],
               log_keys: tuple[str, ...], on_log: Callable[[int, dict], None] | None = None) -> dict:
-    """Shared resumable loop of the Pr-VIPE and lifter runs."""
+    """Shared resumable loop of the Pr-VIPE and lifter runs; ``payload``: the checkpoint to continue
+    (:func:`resumable_checkpoint`), or None."""
     path = out / file
     optimizer, scheduler = build_optimizer(config, model)
     generator = torch.Generator().manual_seed(config.seed + (0 if kind == "prvipe" else 7919))
     torch.manual_seed(config.seed)
     step = 0
-    payload = resumable_checkpoint(path, config, table, resume)
     if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
@@ -436,16 +450,17 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     progress(f"data: {table.path} ({len(table)} frames at {table.fps} fps, sha256 {table.checksum[:12]}); "
              f"train subjects {list(config.data.train_subjects)}")
     # Refuse a run directory it may not continue before overwriting anything in it.
-    resumable_checkpoint(out / CHECKPOINT, config, table, resume)
-    if config.lifter_baseline:
-        resumable_checkpoint(out / LIFTER_CHECKPOINT, config, table, resume)
+    payload = resumable_checkpoint(out / CHECKPOINT, config, table, resume)
+    lifter_payload = resumable_checkpoint(out / LIFTER_CHECKPOINT, config, table, resume) \
+        if config.lifter_baseline else None
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     torch.manual_seed(config.seed)
     summary = {"prvipe": _run_loop(
-        "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, resume, progress,
+        "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, payload, progress,
         ("loss", "triplet_loss", "ranking_loss", "active_triplets", "a", "b"))}
+    del payload  # the model holds its state now; free the checkpoint's copy before the lifter trains
     if config.lifter_baseline:
-        summary["lifter"] = train_lifter(config, out, resume, progress, table)
+        summary["lifter"] = _lifter_loop(config, out, table, lifter_payload, progress)
     return summary
 
 
@@ -456,6 +471,12 @@ def train_lifter(config: TrainConfig, out: str | Path, resume: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = table if table is not None else load_table(config.data.table_path())
+    return _lifter_loop(config, out, table, resumable_checkpoint(out / LIFTER_CHECKPOINT, config, table, resume),
+                        progress)
+
+
+def _lifter_loop(config: TrainConfig, out: Path, table: PoseTable, payload: dict | None,
+                 progress: Callable[[str], None]) -> dict:
     torch.manual_seed(config.seed)
     return _run_loop("lifter", out, LIFTER_CHECKPOINT, "lifter", config, table, Lifter(config.model), lifter_step,
-                     resume, progress, ("lifter_mpjpe",))
+                     payload, progress, ("lifter_mpjpe",))
