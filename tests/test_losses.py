@@ -196,9 +196,22 @@ def test_sample_distances_equal_cdist_in_value_and_gradient(k1, k2):
     torch.testing.assert_close(z2.grad.double(), z2d.grad, atol=1e-3, rtol=1e-3)
 
 
+def test_sample_distances_take_any_leading_shape_and_stay_fp32_under_autocast():
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(2, 3, 10, 8, generator=g), torch.randn(3, 10, 8, generator=g)
+    d = sample_distances(z1, z2)
+    assert d.shape == (2, 3, 10, 10)
+    torch.testing.assert_close(d, torch.cdist(z1, z2.expand(2, 3, 10, 8)), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = sample_distances(z1[0], z2)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, d[0], atol=1e-5, rtol=1e-5)
+
+
 def test_sample_distances_of_coinciding_samples_are_zero_with_a_finite_gradient():
     z = torch.randn(3, 10, 16, requires_grad=True)
     d = sample_distances(z, z)
+    # Rounding of |x|^2 ~ 16 (fp32: ~1e-6) under the root: a self-distance of ~1e-3, not cdist's exact 0.
     assert d.diagonal(dim1=1, dim2=2).max().item() < 1e-2
     d.sum().backward()
     assert torch.isfinite(z.grad).all()

@@ -41,21 +41,33 @@ def test_dropout_masks_are_independent_of_position_and_reproducible(shape):
     """Any size (not only multiples of the four masks cut from one 64-bit draw); every unit kept alike (no bit of
     the 16 biased); the same masks under the same global seed."""
     torch.manual_seed(1)
-    layer = Dropout(0.5)
+    layer = Dropout(0.3)
     x = torch.ones(shape)
     masks = torch.stack([layer(x) > 0 for _ in range(4000 if x.numel() < 100 else 4)])
     assert masks.shape[1:] == shape
     share = masks.float().mean(0)
     if x.numel() < 100:
-        # 4000 draws per unit: standard deviation 0.008 of the share.
-        assert (share - 0.5).abs().max().item() < 0.04, share
+        # 4000 draws per unit: standard deviation 0.007 of the share.
+        assert (share - 0.7).abs().max().item() < 0.04, share
     else:
-        # Units at each of the four positions within a 64-bit draw are kept alike.
+        # Units at each of the four positions within a 64-bit draw are kept alike (a keep rate of 0.7 reads
+        # all 15 bits of each word, not only the top one).
         per_slot = masks.float().reshape(4, -1, 4).mean((0, 1))
-        assert (per_slot - 0.5).abs().max().item() < 0.005, per_slot
+        assert (per_slot - 0.7).abs().max().item() < 0.005, per_slot
     torch.manual_seed(1)
     again = torch.stack([layer(x) > 0 for _ in range(masks.shape[0])])
     assert torch.equal(masks, again)
+
+
+def test_dropout_at_the_edges_of_its_keep_rate_resolution():
+    """p below 2^-16 keeps every unit (no int16 wrap that would drop them all); p near 1 keeps 2^-15 of them."""
+    torch.manual_seed(2)
+    x = torch.ones(400_000)
+    assert torch.equal(Dropout(1e-6)(x), x)
+    y = Dropout(0.99999)(x)
+    assert torch.isfinite(y).all()
+    assert set(torch.unique(y).tolist()) <= {0.0, 32768.0}
+    assert 0 < (y > 0).sum().item() < 60, "about 400000 / 32768 = 12 units kept"
 
 
 def test_precision_is_a_validated_config_field():

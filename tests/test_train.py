@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from vipe_ray.cli import main
-from vipe_ray.config import ConfigError, load_config
+from vipe_ray.config import ConfigError, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.train import (build_model, build_optimizer, lifter_step, load_checkpoint, train, train_step)
 from vipe_ray.model import Lifter
@@ -114,6 +114,26 @@ def test_existing_run_needs_resume_and_same_config(tmp_path, tiny_overrides):
     with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 5\)"):
         train(other, tmp_path / "run", resume=True, progress=lambda _: None)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before, "a refused resume leaves the checkpoint alone"
+
+
+def test_a_finished_run_resumes_both_checkpoints_without_training_or_rewriting(tmp_path, tiny_overrides):
+    """train(resume=True) checks both checkpoints before anything is written and hands each loop its own
+    (the lifter's included): a finished run trains no step and rewrites neither file."""
+    config = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": True}))
+    train(config, tmp_path, progress=lambda _: None)
+    before = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "lifter.pt")}
+    summary = train(config, tmp_path, resume=True, progress=lambda _: None)
+    assert summary["prvipe"]["steps"] == summary["lifter"]["steps"] == config.optim.steps
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    # Where the data is read from and what is logged may change on resume; what is trained may not.
+    moved = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": True, "log_every": 1,
+                                                         "eval": {"every": 12}}))
+    train(moved, tmp_path, resume=True, progress=lambda _: None)
+    other = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": True, "model": {"dropout": 0.2}}))
+    with pytest.raises(ConfigError, match=r"checkpoint was trained with a different config \(model.dropout: "
+                                          rf"{config.model.dropout!r} -> 0.2\)"):
+        train(other, tmp_path, resume=True, progress=lambda _: None)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 def test_checkpoint_contents(tmp_path, tiny_overrides):

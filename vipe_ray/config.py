@@ -171,8 +171,8 @@ class LossConfig:
     #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
     #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
     #: (see :func:`vipe_ray.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
-    #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only,
-    #: half the cost.
+    #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only
+    #: (half the ranking's cost; about 5% of the default's step).
     ranking_weight: float = 0.0
     ranking_candidates: int = 8
     ranking_temperature: float = 0.05

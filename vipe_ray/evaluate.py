@@ -35,8 +35,11 @@ embedding: as a query it misses, as an index pose it is never retrieved. Result 
 ``se`` (clean protocol) treats each query, its hits averaged over the camera pairs, as one observation: the
 standard error says how far a Hit@k could move with other poses of the same subjects, which is what decides
 whether two configurations can be told apart on that set. ``paired`` compares Pr-VIPE with a baseline on the
-same queries: the mean and standard error of the per-query differences, the test of "at or above the
-baseline" on that set (the methods share the hard queries, so it is tighter than either method's ``se``).
+same queries: the mean and standard error of the per-query differences (the methods share the hard queries,
+so it is tighter than either method's ``se``). Both treat the queries as independent, which frames 200 ms
+apart in continuous clips are not, so they understate the uncertainty; and neither holds the variation
+between training runs of the same recipe (a new seed moves Hit@1 by about a point here): read them as a
+floor, and compare seeds (``vipe_ray.study``) before calling a difference real.
 """
 
 from __future__ import annotations

@@ -33,20 +33,26 @@ def a_to_raw(a: float) -> float:
 
 
 def sample_distances(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances of every sample pair of each row: ``[batch, K1, D] x [batch, K2, D] -> [batch, K1, K2]``.
+    """Euclidean distances of every sample pair of each row: ``[..., K1, D] x [..., K2, D] -> [..., K1, K2]``.
 
     Many samples (K1 K2 >= 64) take one batched product, ``|x|^2 + |y|^2 - 2 x.y``, on samples centred on
-    the mean of ``z2``'s: its forward and backward are ~1.6x faster than ``cdist``'s on the step's 20 x 20
-    pairs, and centring keeps the cancellation small (the error stays below cdist's). The centre is held
-    fixed (distances do not depend on it). Few samples keep ``cdist``, faster there.
+    the mean of ``z2``'s, in fp32 whatever autocast says: its forward and backward are ~1.6x faster than
+    ``cdist``'s on the step's 20 x 20 pairs, and centring keeps the cancellation to rounding of the pairs'
+    own spread (values and gradients are tested against float64 ``cdist``). The centre is held fixed
+    (distances do not depend on it). Few samples keep ``cdist``, faster there.
     """
-    if z1.shape[-2] * z2.shape[-2] < 64:
+    k1, k2 = z1.shape[-2], z2.shape[-2]
+    if k1 * k2 < 64:
         return torch.cdist(z1, z2, compute_mode="donot_use_mm_for_euclid_dist")
-    centre = z2.detach().mean(-2, keepdim=True)
-    x, y = z1 - centre, z2 - centre
-    sq = torch.baddbmm((y * y).sum(-1)[..., None, :], x, y.transpose(-1, -2), alpha=-2.0)
-    # Gradient 0 where rounding puts a pair at (or below) zero, as cdist's at coinciding points.
-    return sq.add_((x * x).sum(-1)[..., :, None]).clamp_min(1e-12).sqrt()
+    lead = torch.broadcast_shapes(z1.shape[:-2], z2.shape[:-2])
+    with torch.autocast(z1.device.type, enabled=False):
+        x = z1.float().expand(*lead, k1, z1.shape[-1]).reshape(-1, k1, z1.shape[-1])
+        y = z2.float().expand(*lead, k2, z2.shape[-1]).reshape(-1, k2, z2.shape[-1])
+        centre = y.detach().mean(-2, keepdim=True)
+        x, y = x - centre, y - centre
+        sq = torch.baddbmm((y * y).sum(-1)[:, None, :], x, y.transpose(-1, -2), alpha=-2.0)
+        # Gradient 0 where rounding puts a pair at (or below) zero, as cdist's at coinciding points.
+        return sq.add_((x * x).sum(-1)[:, :, None]).clamp_min(1e-12).sqrt().reshape(*lead, k1, k2)
 
 
 class MatchProbability(nn.Module):

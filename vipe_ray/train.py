@@ -237,7 +237,8 @@ def _graded_ranking(kernel: torch.Tensor, anchors: torch.Tensor, pool: torch.Ten
         # A pose against itself is 0 by definition: only the others need a Procrustes fit.
         others = indexed_np_mpjpe(poses, poses, rows[:, 1:].reshape(-1), cols[:, 1:].reshape(-1))
         error = torch.cat([others.new_zeros(cols.shape[0], 1), others.reshape(cols.shape[0], -1)], 1)
-    # index_select, not pool[cols]: its backward (index_add) is ~4x faster on CPU than advanced indexing's.
+    # index_select, not pool[cols]: its backward (index_add) is ~4x faster on CPU than advanced indexing's
+    # (on CUDA its atomic adds make GPU runs repeat only up to rounding).
     scores = match.ranking_logits(anchors.index_select(0, rows.reshape(-1)),
                                   pool.index_select(0, cols.reshape(-1))).reshape(cols.shape)
     return graded_ranking_loss(scores, error.to(scores.dtype), loss.ranking_temperature)
@@ -335,30 +336,37 @@ def _format_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
 
 def resumable_checkpoint(path: Path, config: TrainConfig, table: PoseTable, resume: bool) -> dict | None:
     """The checkpoint at ``path`` to resume (None when there is none), refused unless ``resume`` and
-    :func:`check_resumable`."""
+    :func:`check_resumable`. Memory-mapped: its tensors are read when the model and optimizer load them."""
     if not path.exists():
         return None
     if not resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     check_resumable(payload, config, table.checksum, str(path), f"{table.path} ({table.checksum})")
     return payload
+
+
+#: Config keys a resumed run may change: they say where the data is read from (its checksum is checked
+#: instead), how it is buffered, what is logged, saved and evaluated, not what is trained.
+RESUME_FREE_KEYS = ("data.table", "data.buffer_rows", "log_every", "checkpoint_every", "val_every", "eval.")
 
 
 def check_resumable(payload: dict, config: TrainConfig, checksum: str, where: str, data: str) -> None:
     """Refuse to continue the checkpoint ``payload`` (read from ``where``) with another config or other data.
 
-    Keys added since the checkpoint was written fill in with their defaults (which keep old behaviour); any
-    other difference is named, up to five keys, with the checkpoint's value and the new one.
+    Keys added since the checkpoint was written fill in with their defaults (which keep old behaviour), and
+    :data:`RESUME_FREE_KEYS` may change; any other difference is named, up to five keys, with the
+    checkpoint's value and the new one.
     """
     saved = flatten(config_to_dict(config_from_dict(payload.get("config") or {}, where)))
     now = flatten(config_to_dict(config))
-    changed = [key for key in now if saved.get(key) != now[key]]
+    changed = [key for key in now if saved.get(key) != now[key]
+               and not any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE_KEYS)]
     if changed:
         shown = "; ".join(f"{key}: {saved.get(key)!r} -> {now[key]!r}" for key in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ConfigError(f"{where}: checkpoint was trained with a different config ({shown}{more}); resume "
-                          "needs the same one")
+                          "needs the same one (the run directory's config.yaml holds it)")
     if payload.get("data_checksum") != checksum:
         raise ConfigError(f"{where}: checkpoint data checksum {payload.get('data_checksum')} differs from {data}")
 
