@@ -62,6 +62,7 @@ from vipe_ray.dropout import group_visibility, independent_visibility
 from vipe_ray.keypoints import NUM_KEYPOINTS_2D, model_input
 from vipe_ray.losses import MatchProbability, kernel_distance
 from vipe_ray.matching import pairwise_np_mpjpe
+from vipe_ray.stats import standard_error
 from vipe_ray.views import rendered_view
 
 METHODS = ("prvipe", "prvipe_mean", "nn2d", "lift3d")
@@ -234,19 +235,14 @@ def _average(per_pair: list[dict[str, dict[str, torch.Tensor]]], se: dict | None
             per_query.setdefault(method, {})[key] = hits
             out[method][key] = hits.mean().item()
             if se is not None:
-                se.setdefault(method, {})[key] = _standard_error(hits)
+                se.setdefault(method, {})[key] = standard_error(hits.tolist())
     if paired is not None:
         for a, b in PAIRED:
             if a in per_query and b in per_query:
-                paired[f"{a}-{b}"] = {key: {"mean": (per_query[a][key] - per_query[b][key]).mean().item(),
-                                            "se": _standard_error(per_query[a][key] - per_query[b][key])}
-                                      for key in per_query[a]}
+                differences = {key: (per_query[a][key] - per_query[b][key]).tolist() for key in per_query[a]}
+                paired[f"{a}-{b}"] = {key: {"mean": sum(d) / len(d), "se": standard_error(d)}
+                                      for key, d in differences.items()}
     return out
-
-
-def _standard_error(values: torch.Tensor) -> float:
-    n = values.numel()
-    return values.std().item() / math.sqrt(n) if n > 1 else math.nan
 
 
 @torch.no_grad()
