@@ -125,7 +125,7 @@ def test_a_finished_run_resumes_both_checkpoints_without_training_or_rewriting(t
     summary = train(config, tmp_path, resume=True, progress=lambda _: None)
     assert summary["prvipe"]["steps"] == summary["lifter"]["steps"] == config.optim.steps
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    # Where the data is read from and what is logged may change on resume; what is trained may not.
+    # What is logged and evaluated may change on resume; what is trained may not.
     moved = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": True, "log_every": 1,
                                                          "eval": {"every": 12}}))
     train(moved, tmp_path, resume=True, progress=lambda _: None)

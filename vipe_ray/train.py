@@ -466,7 +466,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False,
     summary = {"prvipe": _run_loop(
         "prvipe", out, CHECKPOINT, "prvipe", config, table, build_model(config), train_step, payload, progress,
         ("loss", "triplet_loss", "ranking_loss", "active_triplets", "a", "b"))}
-    del payload  # the model holds its state now; free the checkpoint's copy before the lifter trains
+    del payload  # the model and optimizer hold its state now: drop the mapped checkpoint before the lifter trains
     if config.lifter_baseline:
         summary["lifter"] = _lifter_loop(config, out, table, lifter_payload, progress)
     return summary
