@@ -336,3 +336,21 @@ def test_ranking_logits_average_the_sample_pairs():
     ds = [0.0, 3.0, 1.0, 2.0]
     expected = math.log(sum(sigmoid(-A0 * d + B0) for d in ds) / 4)
     assert match.ranking_logits(z1, z2).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_tail_ranking_logits_rank_near_poses_the_sigmoid_ceiling_flattens():
+    """At a large b the sigmoid scores two near candidates alike (both near log 1); the tail keeps their gap,
+    ``-a (d1 - d2)``, and is ``log mean exp(-a d)`` over the sample pairs."""
+    match = MatchProbability(a_init=2.0, b_init=20.0)
+    z1 = torch.zeros(2, 1, 1)
+    z2 = torch.tensor([[[0.1]], [[0.3]]])
+    ceiling = match.ranking_logits(z1, z2)
+    assert abs((ceiling[0] - ceiling[1]).item()) < 1e-7
+    tail = match.ranking_logits(z1, z2, scores="tail")
+    assert (tail[0] - tail[1]).item() == pytest.approx(2.0 * 0.2, rel=1e-5)
+    z1 = torch.tensor([[[0.0], [1.0]]])
+    z2 = torch.tensor([[[0.0], [3.0]]])
+    expected = math.log(sum(math.exp(-2.0 * d) for d in [0.0, 3.0, 1.0, 2.0]) / 4)
+    assert match.ranking_logits(z1, z2, scores="tail").item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="'cosine'"):
+        match.ranking_logits(z1, z2, scores="cosine")

@@ -439,3 +439,24 @@ def test_graded_ranking_of_a_one_pose_batch_is_zero():
     poses = CentredPoses.of(torch.randn(1, 1, 17, 3))
     loss = _graded_ranking(torch.zeros(1, 1), z, z, poses, MatchProbability(), config.loss)
     assert loss.item() == 0.0
+
+
+def test_kernel_lr_scale_gives_a_and_b_their_own_learning_rate(tiny_overrides):
+    config = load_config(overrides=merge(tiny_overrides, {"optim": {"kernel_lr_scale": 10.0, "lr": 0.001}}))
+    model = build_model(config)
+    optimizer, scheduler = build_optimizer(config, model)
+    rest, kernel = optimizer.param_groups
+    assert {id(p) for p in kernel["params"]} == {id(model.match.a_raw), id(model.match.b)}
+    assert len(rest["params"]) + 2 == len(list(model.parameters())), "every parameter in one group"
+    assert kernel["lr"] == pytest.approx(0.01) and rest["lr"] == pytest.approx(0.001)
+    # The schedule scales both alike.
+    optimizer.step()
+    scheduler.step()
+    assert kernel["lr"] / rest["lr"] == pytest.approx(10.0)
+    # The lifter has no kernel: one group, whatever the scale.
+    lifter_optimizer, _ = build_optimizer(config, Lifter(config.model))
+    assert len(lifter_optimizer.param_groups) == 1
+    with pytest.raises(ConfigError, match="optim.kernel_lr_scale: 0"):
+        load_config(overrides=merge(tiny_overrides, {"optim": {"kernel_lr_scale": 0}}))
+    with pytest.raises(ConfigError, match="loss.ranking_scores: 'exp'"):
+        load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_scores": "exp"}}))

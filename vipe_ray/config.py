@@ -177,6 +177,9 @@ class LossConfig:
     ranking_candidates: int = 8
     ranking_temperature: float = 0.05
     ranking_views: str = "both"
+    #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
+    #: same without the sigmoid's ceiling (see :meth:`vipe_ray.losses.MatchProbability.ranking_logits`).
+    ranking_scores: str = "sigmoid"
 
     def __post_init__(self) -> None:
         if self.a_init <= 0:
@@ -190,6 +193,8 @@ class LossConfig:
             raise ConfigError(f"loss.ranking_candidates: {self.ranking_candidates} must be >= 1")
         if not self.ranking_temperature > 0:
             raise ConfigError(f"loss.ranking_temperature: {self.ranking_temperature} must be > 0")
+        if self.ranking_scores not in ("sigmoid", "tail"):
+            raise ConfigError(f"loss.ranking_scores: {self.ranking_scores!r} must be 'sigmoid' or 'tail'")
         if self.ranking_views not in ("both", "anchor"):
             raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
 
@@ -263,8 +268,13 @@ class OptimConfig:
     #: Decay of the exponential moving average of the weights that checkpoints keep beside the trained ones
     #: and that evaluation and deployment use (the reference keeps one, 0.9999 over 5M steps); 0 = off.
     ema: float = 0.0
+    #: Learning rate of the match kernel's a and b, as a multiple of ``lr`` (see
+    #: :func:`vipe_ray.train.parameter_groups`).
+    kernel_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.kernel_lr_scale > 0:
+            raise ConfigError(f"optim.kernel_lr_scale: {self.kernel_lr_scale} must be > 0")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"optim.ema: {self.ema} must lie in [0, 1) (0 = no weight average)")
         if self.lr <= 0:

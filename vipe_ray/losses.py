@@ -79,17 +79,25 @@ class MatchProbability(nn.Module):
         """Paired probabilities: ``[batch, K1, D] x [batch, K2, D] -> [batch]`` (mean over the K1 x K2 pairs)."""
         return self.from_distance(sample_distances(z1, z2)).mean((-1, -2))
 
-    def ranking_logits(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def ranking_logits(self, z1: torch.Tensor, z2: torch.Tensor, scores: str = "sigmoid") -> torch.Tensor:
         """``log mean sigmoid(-a d + b)`` over the K1 x K2 sample pairs, without smoothing and with a and b held
-        fixed: ``[batch, K1, D] x [batch, K2, D] -> [batch]``.
+        fixed: ``[batch, K1, D] x [batch, K2, D] -> [batch]``. ``scores="tail"``: ``log mean exp(-a d)``, the
+        sigmoid's tail (the same up to the constant b where ``-a d + b << 0``) without its ceiling.
 
         The graded ranking loss's scores. Smoothing puts a floor under ``log P``, where every candidate scores
         the same and the gradient vanishes: a ranking on ``log P`` drove training onto that plateau, where it
         stayed (triplet loss at ln 2). ``log sigmoid(x) ~ x`` for x << 0 has no floor; fixed a and b leave the
-        sigmoid to the triplet loss.
+        sigmoid to the triplet loss. The sigmoid has a ceiling instead: as training raises b, the poses
+        nearest an anchor score alike near ``log 1`` and their ranking's gradient shrinks by ``1 - sigmoid``;
+        the tail ranks them at any distance.
         """
-        logs = F.logsigmoid(-self.a.detach() * sample_distances(z1, z2) + self.b.detach()).flatten(-2)
-        return torch.logsumexp(logs, -1) - math.log(logs.shape[-1])
+        logits = -self.a.detach() * sample_distances(z1, z2)
+        if scores == "sigmoid":
+            logits = F.logsigmoid(logits + self.b.detach())
+        elif scores != "tail":
+            raise ValueError(f"scores must be 'sigmoid' or 'tail', got {scores!r}")
+        logits = logits.flatten(-2)
+        return torch.logsumexp(logits, -1) - math.log(logits.shape[-1])
 
     @torch.no_grad()
     def pairwise(self, z1: torch.Tensor, z2: torch.Tensor, chunk: int = 16) -> torch.Tensor:
