@@ -132,6 +132,8 @@ def test_bad_literals_name_the_key(tmp_path, text, key):
 
 @pytest.mark.parametrize("text,key", [
     ("model:\n  dropout: 1.5\n", "model.dropout"),
+    ("loss:\n  ranking_scores: exp\n", "loss.ranking_scores"),
+    ("optim:\n  kernel_lr_scale: -1\n", "optim.kernel_lr_scale"),
     ("model:\n  width: 0\n", "model.width"),
     ("model:\n  blocks: -1\n", "model.blocks"),
     ("loss:\n  a_init: 0\n", "loss.a_init"),

@@ -458,5 +458,38 @@ def test_kernel_lr_scale_gives_a_and_b_their_own_learning_rate(tiny_overrides):
     assert len(lifter_optimizer.param_groups) == 1
     with pytest.raises(ConfigError, match="optim.kernel_lr_scale: 0"):
         load_config(overrides=merge(tiny_overrides, {"optim": {"kernel_lr_scale": 0}}))
-    with pytest.raises(ConfigError, match="loss.ranking_scores: 'exp'"):
-        load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_scores": "exp"}}))
+
+
+def test_graded_ranking_reads_the_configured_scores():
+    """``loss.ranking_scores`` reaches the ranking: ``tail`` scores give the loss of the tail logits, which differs
+    from the sigmoid's at a large b, and only the embeddings get its gradient."""
+    from vipe_ray.config import LossConfig
+    from vipe_ray.losses import MatchProbability, graded_ranking_loss
+    from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
+    from vipe_ray.train import _graded_ranking
+
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 6, 3, 4
+    anchors = torch.randn(n, k, d, generator=g, requires_grad=True)
+    pool = (anchors.detach() + 0.3 * torch.randn(n, k, d, generator=g)).requires_grad_()
+    poses = CentredPoses.of(torch.randn(n, 17, 3, generator=g))
+    kernel = torch.cdist(anchors.detach().mean(1), pool.detach().mean(1))
+    match = MatchProbability(a_init=1.0, b_init=8.0)
+    losses = {}
+    for scores in ("sigmoid", "tail"):
+        config = LossConfig(ranking_weight=1.0, ranking_candidates=2, ranking_scores=scores)
+        losses[scores] = _graded_ranking(kernel, anchors, pool, poses, match, config)
+        # The same loss by hand: positive first, then the 2 kernel-nearest others.
+        cols = torch.cat([torch.arange(n)[:, None], torch.full((n, 2), -1)], 1)
+        for i in range(n):
+            others = [j for j in kernel[i].argsort().tolist() if j != i][:2]
+            cols[i, 1:] = torch.tensor(others)
+        rows = torch.arange(n)[:, None].expand_as(cols)
+        error = indexed_np_mpjpe(poses, poses, rows.reshape(-1), cols.reshape(-1)).reshape(n, -1)
+        logits = match.ranking_logits(anchors[rows.reshape(-1)], pool[cols.reshape(-1)], scores).reshape(n, -1)
+        expected = graded_ranking_loss(logits, error.float(), config.ranking_temperature)
+        assert losses[scores].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert abs(losses["sigmoid"].item() - losses["tail"].item()) > 1e-3
+    losses["tail"].backward()
+    assert anchors.grad.abs().sum() > 0 and pool.grad.abs().sum() > 0
+    assert match.a_raw.grad is None and match.b.grad is None
