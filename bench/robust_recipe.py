@@ -15,6 +15,9 @@
         --only rank_both4+neighbours10 rank_both4+neighbours20                     # round 7
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 \
         --only kernel_lr10 rank_tail dim128 backbone_dropout0.1 backbone_dropout0   # round 8
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 \
+        --only backbone_dropout0 lift_camera1 lift_camera5 lift_body5              # round 9 (the default's lifter)
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 --only blocks3 ranking5  # round 10
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -122,6 +125,15 @@ CANDIDATES = {
     # for finer distances, more dimensions ("dim128" above).
     "backbone_dropout0.1": {"model": {"dropout": 0.1}},
     "backbone_dropout0": {"model": {"dropout": 0.0}},
+    # Round 9, the lifter's direct 3D signal for Pr-VIPE: an auxiliary 3D head on its backbone (the embedding
+    # alone still retrieves), regressing the lifter's camera-frame target or the view-invariant body frame.
+    "lift_camera1": {"loss": {"lift_weight": 1.0}},
+    "lift_camera5": {"loss": {"lift_weight": 5.0}},
+    "lift_body5": {"loss": {"lift_weight": 5.0, "lift_frame": "body"}},
+    # Round 10: Pr-VIPE's view invariance is learned, the lifter's comes from the Procrustes fit at retrieval:
+    # does a deeper backbone (for both) help Pr-VIPE more, and does a heavier ranking loss order the top better?
+    "blocks3": {"model": {"blocks": 3}},
+    "ranking5": {"loss": {"ranking_weight": 5.0}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -136,7 +148,8 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "ranking3": "default", "ranking1_4candidates": "default", "rank_anchor4": "default",
                  "rank_both4": "default", "rank_both4_t0.025": "default", "rank_both4_t0.1": "default",
                  "rank_both8": "default", "rank_both4+neighbours10": "default", "rank_both4+neighbours20": "default",
-                 "kernel_lr10": "default", "rank_tail": "default"}
+                 "kernel_lr10": "default", "rank_tail": "default", "lift_camera1": "backbone_dropout0",
+                 "lift_camera5": "backbone_dropout0", "lift_body5": "backbone_dropout0", "ranking5": "backbone_dropout0"}
 
 
 def same_lifter_training(config, theirs) -> bool:

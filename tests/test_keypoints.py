@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vipe_ray.keypoints import (
+    body_frame,
     COCO13_FLIP,
     COCO13_KEYPOINTS,
     COCO17_KEYPOINTS,
@@ -292,6 +293,36 @@ def test_normalize_3d_random_batch_properties():
     torch.testing.assert_close(torso, torch.ones(2, 5, dtype=torch.float64))
     # Invariant to translation and positive scale.
     torch.testing.assert_close(normalize_3d(joints * 7.5 - 2.0), out)
+
+
+def test_body_frame_hand_case():
+    """Hips on the y axis (left at +y), thorax up z: the body frame turns the hip line onto +x."""
+    from vipe_ray.keypoints import L_HIP, R_HIP  # H36M17's; this file's own L_HIP, R_HIP are COCO13's
+
+    joints = torch.zeros(17, 3, dtype=torch.float64)
+    joints[R_HIP] = torch.tensor([0.0, -1.0, 0.0])
+    joints[L_HIP] = torch.tensor([0.0, 1.0, 0.0])
+    joints[THORAX] = torch.tensor([0.0, 0.0, 2.0])
+    joints[10] = torch.tensor([3.0, 0.0, 1.0])  # off the hip line, where y = z x x points
+    out = body_frame(joints)
+    torch.testing.assert_close(out[R_HIP], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(out[L_HIP], torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(out[THORAX], torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out[10], torch.tensor([0.0, 3.0, 1.0], dtype=torch.float64))
+
+
+def test_body_frame_is_the_same_for_every_view_and_keeps_the_pose():
+    g = torch.Generator().manual_seed(4)
+    joints = normalize_3d(torch.randn(6, 17, 3, generator=g, dtype=torch.float64))
+    out = body_frame(joints)
+    # Any proper rotation of the input (another camera's frame) gives the same body-frame pose.
+    q, _ = torch.linalg.qr(torch.randn(6, 3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.linalg.det(q)[:, None, None]  # det +1
+    torch.testing.assert_close(body_frame(joints @ q.transpose(1, 2)), out)
+    # A rotation: every distance to the pelvis is kept, and a mirror image is not undone.
+    torch.testing.assert_close(torch.linalg.vector_norm(out, dim=-1), torch.linalg.vector_norm(joints, dim=-1))
+    mirrored = joints * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    assert not torch.allclose(body_frame(mirrored), out)
 
 
 def test_normalize_3d_degenerate_raises():

@@ -493,3 +493,36 @@ def test_graded_ranking_reads_the_configured_scores():
     losses["tail"].backward()
     assert anchors.grad.abs().sum() > 0 and pool.grad.abs().sum() > 0
     assert match.a_raw.grad is None and match.b.grad is None
+
+
+@pytest.mark.parametrize("frame", ["camera", "body"])
+def test_auxiliary_3d_head_trains_on_its_target(tiny_overrides, frame):
+    """``loss.lift_weight`` adds a 3D head whose loss is the mean per-joint error against ``lift_target``; the
+    embedding (and so retrieval and deployment) is unchanged in shape, and off at 0 there is no head."""
+    from vipe_ray.cameras import sample_orbits
+    from vipe_ray.train import lift_target
+
+    config = load_config(overrides=merge(tiny_overrides, {"loss": {"lift_weight": 2.0, "lift_frame": frame}}))
+    table = load_table(config.data.table_path()).select(config.data.train_subjects)
+    generator = torch.Generator().manual_seed(2)
+    model = build_model(config)
+    optimizer, _ = build_optimizer(config, model)
+    batch = WindowSampler(table).sample(16, generator)
+    head = model.lift_head.weight.detach().clone()
+    metrics = train_step(model, optimizer, batch, config, generator)
+    assert metrics["lift_loss"] > 0 and not torch.equal(head, model.lift_head.weight)
+    mean, sigma = model(torch.zeros(3, 39))
+    assert mean.shape == sigma.shape == (3, config.model.embedding_dim)
+    assert model(torch.zeros(3, 39), lift=True)[2].shape == (3, 17, 3)
+    # The targets: the lifter's (camera frame, one per view) or the body frame (the same for both views).
+    centre = batch[:, 0]
+    ranges = config.cameras.ranges()
+    one, two = sample_orbits(16, ranges, generator), sample_orbits(16, ranges, generator)
+    same = torch.allclose(lift_target(centre, one, frame), lift_target(centre, two, frame), atol=1e-5)
+    assert same == (frame == "body")
+    off = build_model(load_config(overrides=tiny_overrides))
+    assert off.lift_head is None
+    with pytest.raises(ValueError, match="no 3D head"):
+        off(torch.zeros(3, 39), lift=True)
+    assert train_step(off, build_optimizer(config, off)[0], batch, load_config(overrides=tiny_overrides),
+                      generator)["lift_loss"] == 0.0

@@ -180,13 +180,20 @@ class LossConfig:
     #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
     #: same without the sigmoid's ceiling (see :meth:`vipe_ray.losses.MatchProbability.ranking_logits`).
     ranking_scores: str = "sigmoid"
+    #: Auxiliary 3D head (vipe-ray's extension, off at 0): a linear head on Pr-VIPE's backbone regresses each
+    #: view's normalized 3D pose, its mean per-joint error weighted by ``lift_weight`` -- the direct 3D signal
+    #: the lifting baseline trains on. ``lift_frame``: ``camera``, the lifter's target (the pose in the view's
+    #: camera frame); ``body``, the pose in its own hip-and-spine frame, the same target for every view.
+    #: Retrieval still reads the embedding alone.
+    lift_weight: float = 0.0
+    lift_frame: str = "camera"
 
     def __post_init__(self) -> None:
         if self.a_init <= 0:
             raise ConfigError(f"loss.a_init: {self.a_init} must be > 0 (a = ELU(raw) + 1 is positive)")
         if not 0.0 <= self.smoothing < 1.0:
             raise ConfigError(f"loss.smoothing: {self.smoothing} must lie in [0, 1)")
-        for name in ("margin", "positive_weight", "kl_weight", "ranking_weight"):
+        for name in ("margin", "positive_weight", "kl_weight", "ranking_weight", "lift_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name}: {getattr(self, name)} must be >= 0")
         if self.ranking_candidates < 1:
@@ -197,6 +204,8 @@ class LossConfig:
             raise ConfigError(f"loss.ranking_scores: {self.ranking_scores!r} must be 'sigmoid' or 'tail'")
         if self.ranking_views not in ("both", "anchor"):
             raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
+        if self.lift_frame not in ("camera", "body"):
+            raise ConfigError(f"loss.lift_frame: {self.lift_frame!r} must be 'camera' or 'body'")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ H36M17_JOINTS: tuple[str, ...] = (
     "pelvis", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine", "thorax",
     "neck", "head", "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist",
 )
-PELVIS, SPINE, THORAX = 0, 7, 8
+PELVIS, R_HIP, L_HIP, SPINE, THORAX = 0, 1, 4, 7, 8
 
 COCO13_KEYPOINTS: tuple[str, ...] = (
     "nose", "l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "l_wrist", "r_wrist",
@@ -191,3 +191,20 @@ def normalize_3d(joints: torch.Tensor) -> torch.Tensor:
     if (scale <= 0).any():
         raise KeypointError("normalize_3d: degenerate torso (pelvis, spine and thorax coincide)")
     return (joints - pelvis[..., None, :]) / scale[..., None, None]
+
+
+def body_frame(joints: torch.Tensor) -> torch.Tensor:
+    """Rotate pelvis-centred poses into their own body frame: x from the left to the right hip, z the
+    pelvis-to-thorax direction made orthogonal to x, y = z x x. Every view of a pose gives the same result.
+
+    Args:
+        joints: ``[..., 17, 3]`` H36M17 joints centred on the pelvis (as :func:`normalize_3d` returns them).
+    Returns:
+        ``[..., 17, 3]``, the same poses in their body frames (a proper rotation: lengths and chirality kept).
+    """
+    x = torch.nn.functional.normalize(joints[..., R_HIP, :] - joints[..., L_HIP, :], dim=-1)
+    up = joints[..., THORAX, :] - joints[..., PELVIS, :]
+    z = torch.nn.functional.normalize(up - (up * x).sum(-1, keepdim=True) * x, dim=-1)
+    y = torch.linalg.cross(z, x, dim=-1)
+    rotation = torch.stack([x, y, z], dim=-2)  # rows: the body axes in the input's frame
+    return torch.einsum("...ij,...kj->...ki", rotation, joints)

@@ -89,7 +89,8 @@ class PrVipe(nn.Module):
     """Maps 2D pose features to a Gaussian embedding; also holds the trainable match probability (a, b).
 
     ``forward``: ``[batch, 39]`` or temporal ``[batch, frames, 39]`` -> (mean ``[batch, D]``, sigma ``[batch, D]``);
-    sigma is a tensor of ones' shape but ignored when ``probabilistic`` is off.
+    sigma is a tensor of ones' shape but ignored when ``probabilistic`` is off. With ``lift=True`` (training
+    with ``loss.lift_weight > 0``), also the auxiliary 3D head's pose ``[batch, 17, 3]`` (the centre frame's).
     """
 
     def __init__(self, model: ModelConfig, loss: LossConfig, frames: int = 1):
@@ -103,8 +104,9 @@ class PrVipe(nn.Module):
         self.mean_head = nn.Linear(model.width, model.embedding_dim)
         self.sigma_head = nn.Linear(model.width, model.embedding_dim) if model.probabilistic else None
         self.match = MatchProbability(loss.a_init, loss.b_init, loss.smoothing)
+        self.lift_head = nn.Linear(model.width, NUM_JOINTS_3D * 3) if loss.lift_weight > 0 else None
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lift: bool = False) -> tuple[torch.Tensor, ...]:
         if self.frames > 1:
             if features.ndim != 3 or features.shape[1] != self.frames or features.shape[2] != FEATURES_PER_POSE:
                 raise ValueError(f"temporal model expects [batch, {self.frames}, {FEATURES_PER_POSE}], "
@@ -123,12 +125,18 @@ class PrVipe(nn.Module):
             h = h.float()
             mean = self.mean_head(h)
             if self.sigma_head is None:
-                return mean, torch.ones_like(mean)
-            raw = self.sigma_head(h)
-            # ELU(raw) + 1, written as exp(raw) for raw <= 0: the same function, but (exp(raw) - 1) + 1 rounds
-            # to 0 in fp32 below raw ~ -17 and the KL's log(sigma) became -inf. The clamp keeps exp finite in
-            # the branch that where() discards (an inf there would turn its zero gradient into NaN).
-            return mean, torch.where(raw > 0, raw + 1.0, torch.exp(raw.clamp_max(0.0)))
+                sigma = torch.ones_like(mean)
+            else:
+                raw = self.sigma_head(h)
+                # ELU(raw) + 1, written as exp(raw) for raw <= 0: the same function, but (exp(raw) - 1) + 1
+                # rounds to 0 in fp32 below raw ~ -17 and the KL's log(sigma) became -inf. The clamp keeps exp
+                # finite in the branch that where() discards (an inf there would turn its zero gradient into NaN).
+                sigma = torch.where(raw > 0, raw + 1.0, torch.exp(raw.clamp_max(0.0)))
+            if not lift:
+                return mean, sigma
+            if self.lift_head is None:
+                raise ValueError("this model has no 3D head: it was built with loss.lift_weight = 0")
+            return mean, sigma, self.lift_head(h).reshape(-1, NUM_JOINTS_3D, 3)
 
     def embed(self, features: torch.Tensor) -> Embedding:
         mean, sigma = self(features)

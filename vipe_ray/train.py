@@ -25,7 +25,7 @@ from vipe_ray.cameras import RIGS, Orbits, camera_frame, sample_orbits
 from vipe_ray.config import (ConfigError, KeypointDropoutConfig, LossConfig, TrainConfig, config_from_dict,
                              config_to_dict, flatten)
 from vipe_ray.data import PoseTable, WindowSampler, load_table
-from vipe_ray.keypoints import normalize_3d
+from vipe_ray.keypoints import body_frame, normalize_3d
 from vipe_ray.losses import gaussian_kl, graded_ranking_loss, kernel_distance, triplet_ratio_loss
 from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
 from vipe_ray.mining import mine_triplets, nearest_candidates
@@ -138,16 +138,27 @@ def training_views(batch: int, config: TrainConfig, generator: torch.Generator) 
     return rig.index(first), rig.index(second)
 
 
-def embed(model: torch.nn.Module, features: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's (mean, sigma) ``[batch, D]`` in fp32, computed in ``precision``.
+def embed(model: torch.nn.Module, features: torch.Tensor, precision: str = "fp32",
+          lift: bool = False) -> tuple[torch.Tensor, ...]:
+    """The model's (mean, sigma) ``[batch, D]`` in fp32, computed in ``precision``; with ``lift``, also its 3D
+    head's poses ``[batch, 17, 3]``.
 
     ``bf16``: autocast runs the Linear layers' products in bfloat16 with fp32 accumulation (the weights stay
     fp32); the embedding returns to fp32 before the samples, kernels and losses.
     """
     device = features.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        mean, sigma = model(features)
-    return mean.float(), sigma.float()
+        out = model(features, lift=True) if lift else model(features)
+    return tuple(t.float() for t in out)
+
+
+def lift_target(joints3d: torch.Tensor, orbits: Orbits, frame: str = "camera") -> torch.Tensor:
+    """The 3D regression target of one view of each pose: ``[batch, 17, 3]`` world joints -> ``[batch, 17, 3]``
+    normalized joints (torso units, pelvis at the origin), in the view's camera frame (``camera``, the lifting
+    baseline's target) or in the pose's own body frame (``body``, the same for every view)."""
+    if frame == "body":
+        return body_frame(normalize_3d(joints3d.double())).float()
+    return normalize_3d(camera_frame(joints3d.double(), orbits)).float()
 
 
 def view_dropouts(config: TrainConfig, progress: float) -> tuple[KeypointDropoutConfig, KeypointDropoutConfig]:
@@ -188,7 +199,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     mark("views")
 
     model.train()
-    mean, sigma = embed(model, feats, config.optim.precision)
+    lift_weight = config.loss.lift_weight
+    mean, sigma, *lifted = embed(model, feats, config.optim.precision, lift=lift_weight > 0)
     k = config.model.samples if config.model.probabilistic else 1
     eps = torch.randn((2 * b, k, mean.shape[-1]), generator=generator).to(device)
     samples = mean[:, None, :] + (sigma[:, None, :] * eps if config.model.probabilistic else 0.0)
@@ -226,6 +238,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
             _graded_ranking(kern, anchors[:, :rank_k], pool[:, :rank_k], poses, match, config.loss)
             for kern, (anchors, pool) in zip([kernel, kernel.T], views)]).mean()
         loss = loss + config.loss.ranking_weight * ranking
+    lift = torch.zeros((), device=device)
+    if lift_weight > 0:
+        centre = joints3d[:, joints3d.shape[1] // 2]
+        target = torch.cat([lift_target(centre, orbits, config.loss.lift_frame) for orbits in (orbits_a, orbits_p)])
+        lift = torch.linalg.vector_norm(lifted[0] - target.to(device), dim=-1).mean()
+        loss = loss + lift_weight * lift
     mark("loss")
 
     optimizer.zero_grad(set_to_none=True)
@@ -235,7 +253,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     valid = negatives.valid.reshape(-1).float()
     return {
         "loss": loss.item(), "triplet_loss": triplet.item(), "positive_loss": positive.item(),
-        "kl_loss": kl.item(), "ranking_loss": ranking.item(), "a": match.a.item(), "b": match.b.item(),
+        "kl_loss": kl.item(), "ranking_loss": ranking.item(), "lift_loss": lift.item(),
+        "a": match.a.item(), "b": match.b.item(),
         "active_triplets": active.float().mean().item(), "valid_negatives": valid.mean().item(),
         "d_ap": d_ap.mean().item(),
         "d_an": ((d_an * valid).sum() / valid.sum().clamp_min(1)).item(),
@@ -274,7 +293,7 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     feats, targets = [], []
     for orbits, dropout in zip((orbits_a, orbits_p), view_dropouts(config, progress)):
         feats.append(view_features(centre[:, None], orbits, dropout, config.optim.jitter, generator)[:, 0])
-        targets.append(normalize_3d(camera_frame(centre.double(), orbits)).float())
+        targets.append(lift_target(centre, orbits))
     model.train()
     # The same precision as the Pr-VIPE step (bf16 products under autocast when the config asks for it).
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optim.precision == "bf16"):
