@@ -18,6 +18,7 @@
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 \
         --only backbone_dropout0 lift_camera1 lift_camera5 lift_body5              # round 9 (the default's lifter)
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 --only blocks3 ranking5  # round 10
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 --only rank_means     # round 11
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -134,6 +135,8 @@ CANDIDATES = {
     # does a deeper backbone (for both) help Pr-VIPE more, and does a heavier ranking loss order the top better?
     "blocks3": {"model": {"blocks": 3}},
     "ranking5": {"loss": {"ranking_weight": 5.0}},
+    # Round 11: the ranking on the embedding means, free of the samples' noise.
+    "rank_means": {"loss": {"ranking_on": "means"}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -149,7 +152,8 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "rank_both4": "default", "rank_both4_t0.025": "default", "rank_both4_t0.1": "default",
                  "rank_both8": "default", "rank_both4+neighbours10": "default", "rank_both4+neighbours20": "default",
                  "kernel_lr10": "default", "rank_tail": "default", "lift_camera1": "backbone_dropout0",
-                 "lift_camera5": "backbone_dropout0", "lift_body5": "backbone_dropout0", "ranking5": "backbone_dropout0"}
+                 "lift_camera5": "backbone_dropout0", "lift_body5": "backbone_dropout0", "ranking5": "backbone_dropout0",
+                 "rank_means": "backbone_dropout0"}
 
 
 def same_lifter_training(config, theirs) -> bool:

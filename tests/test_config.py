@@ -135,6 +135,7 @@ def test_bad_literals_name_the_key(tmp_path, text, key):
     ("loss:\n  ranking_scores: exp\n", "loss.ranking_scores"),
     ("loss:\n  lift_weight: -1\n", "loss.lift_weight"),
     ("loss:\n  lift_frame: world\n", "loss.lift_frame"),
+    ("loss:\n  ranking_on: modes\n", "loss.ranking_on"),
     ("optim:\n  kernel_lr_scale: -1\n", "optim.kernel_lr_scale"),
     ("model:\n  width: 0\n", "model.width"),
     ("model:\n  blocks: -1\n", "model.blocks"),

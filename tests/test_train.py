@@ -526,3 +526,27 @@ def test_auxiliary_3d_head_trains_on_its_target(tiny_overrides, frame):
         off(torch.zeros(3, 39), lift=True)
     assert train_step(off, build_optimizer(config, off)[0], batch, load_config(overrides=tiny_overrides),
                       generator)["lift_loss"] == 0.0
+
+
+def test_ranking_on_means_ranks_the_means(tiny_overrides):
+    """``loss.ranking_on: means`` ranks the embedding means (one noise-free sample each): under the same seed
+    the ranking loss differs from the samples' ranking, and a model without sigma noise (a point embedding
+    ranked on its samples) gives the same loss either way."""
+    config = load_config(overrides=merge(tiny_overrides, {"loss": {"ranking_weight": 1.0},
+                                                          "mining": {"symmetric": True, "samples": 2}}))
+    table = load_table(config.data.table_path()).select(config.data.train_subjects)
+    batch = WindowSampler(table).sample(16, torch.Generator().manual_seed(3))
+
+    def ranking(overrides):
+        cfg = load_config(overrides=merge(tiny_overrides, merge({"loss": {"ranking_weight": 1.0},
+                                                                 "mining": {"symmetric": True, "samples": 2}},
+                                                                overrides)))
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        return train_step(model, build_optimizer(cfg, model)[0], batch, cfg, torch.Generator().manual_seed(4))
+
+    samples, means = ranking({}), ranking({"loss": {"ranking_on": "means"}})
+    assert means["ranking_loss"] > 0 and abs(means["ranking_loss"] - samples["ranking_loss"]) > 1e-4
+    point = {"model": {"probabilistic": False}}
+    assert ranking(point)["ranking_loss"] == pytest.approx(
+        ranking(merge(point, {"loss": {"ranking_on": "means"}}))["ranking_loss"], rel=1e-6)

@@ -180,6 +180,10 @@ class LossConfig:
     #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
     #: same without the sigmoid's ceiling (see :meth:`vipe_ray.losses.MatchProbability.ranking_logits`).
     ranking_scores: str = "sigmoid"
+    #: What the ranking compares: ``samples``, the ranking kernel's samples (``mining.samples`` of each
+    #: Gaussian); ``means``, the embedding means alone, free of the samples' noise (about ``sqrt(2 D) sigma``
+    #: added to every distance), which retrieval by means never sees.
+    ranking_on: str = "samples"
     #: Auxiliary 3D head (vipe-ray's extension, off at 0): a linear head on Pr-VIPE's backbone regresses each
     #: view's normalized 3D pose, its mean per-joint error weighted by ``lift_weight`` -- the direct 3D signal
     #: the lifting baseline trains on. ``lift_frame``: ``camera``, the lifter's target (the pose in the view's
@@ -204,6 +208,8 @@ class LossConfig:
             raise ConfigError(f"loss.ranking_scores: {self.ranking_scores!r} must be 'sigmoid' or 'tail'")
         if self.ranking_views not in ("both", "anchor"):
             raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
+        if self.ranking_on not in ("samples", "means"):
+            raise ConfigError(f"loss.ranking_on: {self.ranking_on!r} must be 'samples' or 'means'")
         if self.lift_frame not in ("camera", "body"):
             raise ConfigError(f"loss.lift_frame: {self.lift_frame!r} must be 'camera' or 'body'")
 

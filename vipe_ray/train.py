@@ -231,9 +231,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     loss = triplet + config.loss.positive_weight * positive + config.loss.kl_weight * kl
     ranking = torch.zeros((), device=device)
     if config.loss.ranking_weight > 0:
-        # With the ranking kernel's samples: the candidates are several per anchor, and K^2 pairs each would
-        # cost more than the triplets.
-        views = pairs if config.loss.ranking_views == "both" else pairs[:1]
+        # With the ranking kernel's samples (the candidates are several per anchor, and K^2 pairs each would
+        # cost more than the triplets) or with the means, as one sample each.
+        ranked = pairs if config.loss.ranking_on == "samples" else \
+            [(mean[:b, None], mean[b:, None]), (mean[b:, None], mean[:b, None])][:len(pairs)]
+        views = ranked if config.loss.ranking_views == "both" else ranked[:1]
         ranking = torch.stack([
             _graded_ranking(kern, anchors[:, :rank_k], pool[:, :rank_k], poses, match, config.loss)
             for kern, (anchors, pool) in zip([kernel, kernel.T], views)]).mean()
