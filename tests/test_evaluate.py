@@ -91,6 +91,15 @@ def test_protocol_on_real_subject(tiny_overrides):
         for hits in methods.values():
             values = [hits[f"hit@{k}"] for k in (1, 5, 10, 20)]
             assert values == sorted(values) and all(0 <= v <= 1 for v in values)
+    for rig, report in result["misses"].items():
+        # The miss report explains the same Hit@1: its misses and exclusive shares add up to it.
+        for method, profile in report["methods"].items():
+            assert profile["miss"] == pytest.approx(1 - result["rigs"][rig][method]["hit@1"], abs=1e-12)
+            assert math.isnan(profile["near_miss"]) or 0 <= profile["near_miss"] <= 1
+        shares = report["exclusive"]["prvipe-nn2d"]
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert shares["both"] + shares["only_prvipe"] == pytest.approx(result["rigs"][rig]["prvipe"]["hit@1"])
+        assert report["matches"] >= 1, "the query's own pose is always in the index"
     # The same poses rendered by the same camera would be found exactly; across cameras, 2D-NN is imperfect.
     assert result["rigs"]["h36m"]["nn2d"]["hit@1"] < 1.0
     assert 0.0 <= retrieval_objective(result) <= 1.0

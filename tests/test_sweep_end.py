@@ -88,3 +88,21 @@ def test_sweep_out_of_time_budget_ends_normally_with_its_best_checkpoint_registe
     assert 0.0 <= best.data.metrics["test/hit_at_1"] <= 1.0 and "test/h36m/lift3d/hit_at_1" not in best.data.metrics
     assert float(version.tags["test/hit_at_1"]) == pytest.approx(best.data.metrics["test/hit_at_1"], abs=1e-4)
     assert {"plots/hit_at_k.png"} <= {a.path for a in client.list_artifacts(best.info.run_id, "plots")}
+
+
+def test_test_metrics_are_logged_past_mlflows_batch_limit(tmp_path):
+    """A full evaluation on several rigs of one's own has more than MLflow's 1,000 metrics per request: every
+    finite one reaches the run (a real SQLite store), non-finite ones are left out."""
+    import math
+
+    import mlflow
+
+    from vipe_ray.sweep import log_metrics
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("batches"))
+    values = {f"test/rig{i // 100}/m{i % 100}/hit@1": i / 2500 for i in range(2500)}
+    log_metrics(client, run.info.run_id, {**values, "test/empty/near_miss": math.nan})
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert len(logged) == 2500
+    assert logged["test/rig24/m99/hit_at_1"] == pytest.approx(2499 / 2500)

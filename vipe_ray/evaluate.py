@@ -30,7 +30,14 @@ embedding: as a query it misses, as an index pose it is never retrieved. Result 
      "occlusion": {rig: {pattern: {"clean" | "occluded": {method: {"hit@k": fraction}}}}},
      "invalid": {rig: {pattern: fraction}}, "cameras": {rig: [camera, ...]},
      "se": {rig: {method: {"hit@k": standard error over queries}}},
-     "paired": {rig: {"prvipe-lift3d" | "prvipe-nn2d": {"hit@k": {"mean": difference, "se": its error}}}}, ...}
+     "paired": {rig: {"prvipe-lift3d" | "prvipe-nn2d": {"hit@k": {"mean": difference, "se": its error}}}},
+     "misses": {rig: {"exclusive": {"prvipe-lift3d": {"both", "only_prvipe", "only_lift3d", "neither"}, ...},
+                      "methods": {method: {"miss", "near_miss", "miss_error", "miss_matches"}},
+                      "matches": median, "near": 1.25}}, ...}
+
+``misses`` (clean protocol, :mod:`vipe_ray.misses`) says where each method loses its Hit@1: on the same
+queries as a baseline or on others, near misses (the right neighbourhood ordered wrong) or far ones, and on
+poses with few matches in the index or many.
 
 ``se`` (clean protocol) treats each query, its hits averaged over the camera pairs, as one observation: the
 standard error says how far a Hit@k could move with other poses of the same subjects, which is what decides
@@ -62,6 +69,7 @@ from vipe_ray.dropout import group_visibility, independent_visibility
 from vipe_ray.keypoints import NUM_KEYPOINTS_2D, model_input
 from vipe_ray.losses import MatchProbability, kernel_distance
 from vipe_ray.matching import pairwise_np_mpjpe
+from vipe_ray.misses import miss_report
 from vipe_ray.stats import standard_error
 from vipe_ray.views import rendered_view
 
@@ -117,8 +125,17 @@ def query_hits(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...
             row is all ``inf`` misses at every k).
         match3d: ``[queries, index]`` bool, index pose matches the query's 3D.
     """
-    kmax = min(max(ks), distance.shape[1])
-    top = distance.topk(kmax, dim=1, largest=False)
+    return ranked_hits(nearest(distance, ks), match3d, ks)
+
+
+def nearest(distance: torch.Tensor, ks: tuple[int, ...]):
+    """The ``max(ks)`` nearest index poses of each query, nearest first (``topk`` of ``[queries, index]``)."""
+    return distance.topk(min(max(ks), distance.shape[1]), dim=1, largest=False)
+
+
+def ranked_hits(top, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """:func:`query_hits` from the queries' :func:`nearest` index poses."""
+    kmax = top.indices.shape[1]
     hit = match3d.gather(1, top.indices) & torch.isfinite(top.values)  # [queries, kmax]
     first = torch.cumsum(hit.int(), dim=1) > 0
     return {f"hit@{k}": first[:, min(k, kmax) - 1].float() for k in ks}
@@ -193,8 +210,9 @@ def _view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.
 
 
 def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor, ks: tuple[int, ...],
-               methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Hit@k of every method for one (query view, index view) pair; invalid poses never match."""
+               methods: tuple[str, ...], top1: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-query hits at each k of every method for one (query view, index view) pair; invalid poses never
+    match. With ``top1``, also fill it with each method's top-1 index pose per query (-1: none retrieved)."""
     out = {}
     for method in methods:
         if method == "prvipe":
@@ -206,7 +224,10 @@ def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor,
         else:
             d = pairwise_np_mpjpe(x["lifted"], q["lifted"]).T
         d = d.masked_fill(~q["valid"][:, None] | ~x["valid"][None, :], math.inf)
-        out[method] = query_hits(d, match3d, ks)
+        top = nearest(d, ks)
+        out[method] = ranked_hits(top, match3d, ks)
+        if top1 is not None:
+            top1[method] = torch.where(torch.isfinite(top.values[:, 0]), top.indices[:, 0], -1)
     return out
 
 
@@ -263,13 +284,14 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
         raise ValueError(f"{table.path}: only {len(rows)} evaluation frames for subjects {table.subjects}")
     joints = torch.from_numpy(table.joints[rows]).double()
     # match3d[q, i]: index pose i (aligned onto query q) is within kappa of the query's 3D.
-    match3d = (pairwise_np_mpjpe(joints, joints) <= ev.kappa).T.contiguous()
+    error3d = pairwise_np_mpjpe(joints, joints).T.contiguous()  # [query, index]
+    match3d = error3d <= ev.kappa
     probabilistic = config.model.probabilistic
     k = samples or (config.model.samples if probabilistic else 1)
     # The match probability's two scalars on the CPU, beside the embeddings (the same module on a CPU model).
     match: MatchProbability = model.match if _device(model).type == "cpu" else copy.deepcopy(model.match).cpu()
     methods = tuple(m for m in METHODS if m != "lift3d" or lifter is not None)
-    result: dict = {"rigs": {}, "se": {}, "paired": {}, "occlusion": {}, "invalid": {}, "cameras": {},
+    result: dict = {"rigs": {}, "se": {}, "paired": {}, "misses": {}, "occlusion": {}, "invalid": {}, "cameras": {},
                     "queries": int(len(rows)),
                     "subjects": table.subjects, "match_rate_3d": match3d.float().mean().item(), "kappa": ev.kappa,
                     "frames": frames}
@@ -284,9 +306,15 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
         clean = [_view(model, lifter, p, all_visible, k, probabilistic, _generator(seed, name, i, "clean"))
                  for i, p in enumerate(pixels)]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
-        result["rigs"][name] = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods)
-                                         for i, j in pairs], se=result["se"].setdefault(name, {}),
+        tops = [{} for _ in pairs]
+        per_pair = [_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods, top1=top)
+                    for (i, j), top in zip(pairs, tops)]
+        result["rigs"][name] = _average(per_pair, se=result["se"].setdefault(name, {}),
                                         paired=result["paired"].setdefault(name, {}))
+        result["misses"][name] = miss_report(
+            {m: torch.stack([p[m]["hit@1"] for p in per_pair]).bool() for m in methods},
+            {m: torch.stack([t[m] for t in tops]) for m in methods}, error3d, ev.kappa,
+            tuple(p for p in PAIRED if all(m in methods for m in p)))
         progress(f"[evaluate] rig {name}: {len(rows)} queries x {len(pairs)} camera pairs "
                  f"({time.perf_counter() - start:.0f} s)")
         if not ev.occlusion:
@@ -331,6 +359,13 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     if differences:
         lines += ["", "paired differences (points, +- standard error over queries)"]
         lines += [f"{rig:<{width}} {name:<20} " + "  ".join(cells) for rig, name, cells in differences]
+    misses = _miss_rows(result)
+    if misses:
+        names = max(len(name) for _, name, _ in misses)
+        header = f"{'rig':<{width}} {'where Hit@1 misses':<{names}}" + "".join(f"{h:>13}" for h in MISS_COLUMNS)
+        lines += ["", header, "-" * len(header)]
+        lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>13}" for c in cells)
+                  for rig, name, cells in misses]
     occlusion = result.get("occlusion") or {}
     if any(occlusion.values()):
         methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
@@ -354,6 +389,42 @@ def _paired_rows(result: dict, ks: tuple[int, ...]) -> list[tuple[str, str, list
             for rig, pairs in (result.get("paired") or {}).items() for pair, d in pairs.items()]
 
 
+#: The miss table's columns: :func:`vipe_ray.misses.miss_profile` per method, then the both / only / neither
+#: shares of :func:`vipe_ray.misses.exclusive_hits` against the methods Pr-VIPE is paired with.
+MISS_COLUMNS = ("missed", "near misses", "top-1 error", "matches")
+
+
+def _miss_rows(result: dict) -> list[tuple[str, str, list[str]]]:
+    """(rig, row name, cells) of the ``misses`` block: per method, its misses (% of queries), the share of them
+    that are near misses, their median top-1 NP-MPJPE and median matches in the index (all queries: the
+    rig's first row); then per pair of methods, the shares hit by both / only one / neither."""
+    rows = []
+    for rig, report in (result.get("misses") or {}).items():
+        rows.append((rig, "all queries", ["", "", "", f"{report['matches']:.0f}"]))
+        for method in METHODS:
+            if method in report["methods"]:
+                m = report["methods"][method]
+                rows.append((rig, METHOD_NAMES[method], [
+                    f"{100 * m['miss']:.1f}%", _percent(m["near_miss"]), _number(m["miss_error"], ".3f"),
+                    _number(m["miss_matches"], ".0f")]))
+        for pair, shares in report["exclusive"].items():
+            a, b = pair.split("-")
+            rows.append((rig, f"{_SHORT[a]} vs {_SHORT[b]}: both / only {_SHORT[a]} / only {_SHORT[b]} / neither",
+                         [f"{100 * shares[k]:.1f}%" for k in ("both", f"only_{a}", f"only_{b}", "neither")]))
+    return rows
+
+
+def _percent(share: float) -> str:
+    return "-" if math.isnan(share) else f"{100 * share:.0f}%"
+
+
+def _number(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+_SHORT = {"prvipe": "Pr-VIPE", "prvipe_mean": "Pr-VIPE means", "nn2d": "2D-NN", "lift3d": "lifting"}
+
+
 METHOD_NAMES = {"prvipe": "Pr-VIPE (-log P over samples)", "prvipe_mean": "Pr-VIPE (embedding means)",
                 "nn2d": "2D nearest neighbour (Procrustes)", "lift3d": "3D lifting + NP-MPJPE"}
 
@@ -372,11 +443,16 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
         lines += ["", "| rig | paired difference (points, +- standard error over queries) | "
                   + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in differences]
+    misses = _miss_rows(result)
+    if misses:
+        lines += ["", f"| rig | where Hit@1 misses (near: top-1 within {_near(result)} kappa) | "
+                  + " | ".join(MISS_COLUMNS) + " |", "|---|---|" + "---|" * len(MISS_COLUMNS)]
+        lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in misses]
     occlusion = {rig: patterns for rig, patterns in (result.get("occlusion") or {}).items() if patterns}
     if occlusion:
         methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
         columns = [(rig, m) for rig in occlusion for m in methods]
-        short = {"prvipe": "Pr-VIPE", "nn2d": "2D-NN", "lift3d": "lifting"}
+        short = _SHORT
         lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns)
                   + " | no embedding |", "|---|---|" + "---|" * (len(columns) + 1)]
         first = next(iter(occlusion.values()))
@@ -386,6 +462,10 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
                 cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)
                 lines.append(f"| {pattern} | {mode} | {cells} | {100 * max(lost):.1f}% |")
     return "\n".join(lines)
+
+
+def _near(result: dict) -> str:
+    return f"{next(iter(result['misses'].values()))['near']:g} x"
 
 
 def write_json(result: dict, path: str | Path) -> None:
@@ -399,7 +479,7 @@ LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg
 
 def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     """A result as flat metric names: ``{prefix}{rig}/{method}/hit@k`` (clean), ``{prefix}{rig}/{a}-{b}/hit@k``
-    (paired differences),
+    (paired differences), ``{prefix}{rig}/misses/{method or pair}/{key}`` (where Hit@1 misses),
     ``{prefix}{rig}/{pattern}/{index}/{method}/hit@1`` (occlusion), ``{prefix}{rig}/{method}/hit@k_se``,
     and the summaries ``{prefix}hit@k`` (Pr-VIPE over the rigs) and ``{prefix}hit@1_1limb`` (Pr-VIPE, one
     limb hidden, clean index, over the limbs and rigs); the lifter and 2D-NN get ``{prefix}{method}_hit@k``."""
@@ -416,6 +496,11 @@ def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
             for key, value in hits.items():
                 out[f"{prefix}{rig}/{pair}/{key}"] = value["mean"]
                 out[f"{prefix}{rig}/{pair}/{key}_se"] = value["se"]
+    for rig, report in (result.get("misses") or {}).items():
+        for group in ("methods", "exclusive"):
+            for name, values in report[group].items():
+                out.update({f"{prefix}{rig}/misses/{name}/{key}": value for key, value in values.items()
+                            if not math.isnan(value)})
     for rig, patterns in (result.get("occlusion") or {}).items():
         for pattern, modes in patterns.items():
             for mode, methods in modes.items():

@@ -36,7 +36,7 @@ from vipe_ray import log
 from vipe_ray.config import ConfigError, TrainConfig, _build
 from vipe_ray.distributed import BEST_METRIC, Scaling
 from vipe_ray.storage import location
-from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _mlflow_metrics,
+from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, log_metrics,
                             _unfinished, base_values, check_resources, finalize_trial, launched, parent_run,
                             parse_resources, read_mapping, trial_config, trial_resources)
 
@@ -216,7 +216,7 @@ def run_study_trial(params: dict, settings: dict) -> None:
             f"{list(config.data.test_subjects)}")
         start = time.perf_counter()
         metrics, full = test_metrics(str(work / "checkpoint.pt"), lifter, with_result=True)
-        client.log_batch(run_id, metrics=_mlflow_metrics(metrics))
+        log_metrics(client, run_id, metrics)
         client.log_dict(run_id, full, "test_retrieval.json")
         client.set_tag(run_id, "test_seconds", f"{time.perf_counter() - start:.0f}")
         finalize_trial(client, run_id, str(work / "checkpoint.pt"), "FINISHED", study.validation_queries)

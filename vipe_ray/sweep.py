@@ -900,8 +900,8 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
         summary["registered_model"] = {"name": version.name, "version": version.version}
         client.set_tag(parent_id, "best_run_id", best["run_id"])
         test = test_metrics(best["checkpoint"])
-        client.log_batch(best["run_id"], metrics=_mlflow_metrics(test))
-        client.log_batch(parent_id, metrics=_mlflow_metrics({f"best_{k}": v for k, v in test.items()}))
+        log_metrics(client, best["run_id"], test)
+        log_metrics(client, parent_id, {f"best_{k}": v for k, v in test.items()})
         for key in ("test/hit@1", "test/hit@1_1limb"):
             if key in test:
                 client.set_model_version_tag(version.name, version.version, key.replace("@", "_at_"),
@@ -919,6 +919,16 @@ def _mlflow_metrics(values: dict[str, float]):
 
     now = int(time.time() * 1000)
     return [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in values.items() if math.isfinite(float(v))]
+
+
+def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
+    """Log ``values`` (finite ones; ``@`` spelled ``_at_``) on a run, in batches under MLflow's limit of 1,000
+    metrics per request: a full evaluation on a few rigs of one's own has more."""
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+    metrics = _mlflow_metrics(values)
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
 
 def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False):
