@@ -19,6 +19,8 @@
         --only backbone_dropout0 lift_camera1 lift_camera5 lift_body5              # round 9 (the default's lifter)
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 --only blocks3 ranking5  # round 10
     python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 --only rank_means     # round 11
+    python bench/robust_recipe.py --width 1024 --steps 5000 --out runs/recipe6 \
+        --only limb_swap0.25 limb_swap0.5                                          # round 12 (own lifters)
 
 Trains each candidate (Pr-VIPE and the lifting baseline, same data, views, dropout and steps) on the
 training subjects and evaluates on the *validation* subjects only (every ``eval.val_every`` source frames),
@@ -137,6 +139,9 @@ CANDIDATES = {
     "ranking5": {"loss": {"ranking_weight": 5.0}},
     # Round 11: the ranking on the embedding means, free of the samples' noise.
     "rank_means": {"loss": {"ranking_on": "means"}},
+    # Round 12: new poses from the limbs of others (both methods train on them: each gets its own lifter).
+    "limb_swap0.25": {"limb_swap": {"prob": 0.25}},
+    "limb_swap0.5": {"limb_swap": {"prob": 0.5}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.

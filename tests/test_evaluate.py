@@ -92,7 +92,8 @@ def test_protocol_on_real_subject(tiny_overrides):
             values = [hits[f"hit@{k}"] for k in (1, 5, 10, 20)]
             assert values == sorted(values) and all(0 <= v <= 1 for v in values)
     for rig, report in result["misses"].items():
-        # The miss report explains the same Hit@1: its misses and exclusive shares add up to it.
+        # The miss report judges each top-1 pose by its NP-MPJPE aligned onto the query (error3d [query, index]),
+        # the retrieval's own match table: read the other way round, it would disagree with Hit@1 here.
         for method, profile in report["methods"].items():
             assert profile["miss"] == pytest.approx(1 - result["rigs"][rig][method]["hit@1"], abs=1e-12)
             assert math.isnan(profile["near_miss"]) or 0 <= profile["near_miss"] <= 1

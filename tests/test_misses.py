@@ -37,30 +37,30 @@ def test_miss_profile_hand_case():
 
 
 def _report():
-    """Two camera pairs x three queries over an index of the same three poses."""
-    error3d = torch.tensor([[0.00, 0.12, 0.40],
+    """Two camera pairs x three queries over an index of the same three poses. ``error3d[q, i]`` aligns index
+    pose i onto query q, which is not symmetric: (0, 1) matches at 0.09 one way and misses at 0.12 the other."""
+    error3d = torch.tensor([[0.00, 0.09, 0.40],
                             [0.12, 0.00, 0.08],
-                            [0.40, 0.08, 0.00]], dtype=torch.float64)
-    hits = {"prvipe": torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool),
-            "lift3d": torch.tensor([[1, 1, 1], [0, 1, 1]], dtype=torch.bool)}
+                            [0.45, 0.07, 0.00]], dtype=torch.float64)
     top1 = {"prvipe": torch.tensor([[0, 0, 2], [0, 2, -1]]),
-            "lift3d": torch.tensor([[0, 1, 1], [2, 1, 2]])}
-    return miss_report(hits, top1, error3d, kappa=0.1, pairs=(("prvipe", "lift3d"),))
+            "lift3d": torch.tensor([[1, 1, 1], [2, 1, 2]])}
+    return miss_report(top1, error3d, kappa=0.1, pairs=(("prvipe", "lift3d"),))
 
 
 def test_miss_report_hand_case():
     report = _report()
-    # Matches per query (error <= 0.1): query 0 -> 1, query 1 -> 2, query 2 -> 2; over the 6 observations.
+    # Matches per query (row <= 0.1): query 0 -> 2 (itself, pose 1), query 1 -> 2, query 2 -> 2.
     assert report["matches"] == 2
     prvipe = report["methods"]["prvipe"]
-    # Misses: (pair 0, query 1) retrieved pose 0 at 0.12 (near); (pair 1, query 2) retrieved nothing.
+    # Hits: (0,0) 0.00, (0,1) 0.12 miss, (0,2) 0.00, (1,0) 0.00, (1,1) 0.08, (1,2) nothing retrieved: a miss.
     assert prvipe["miss"] == pytest.approx(2 / 6)
     assert prvipe["near_miss"] == 1.0 and prvipe["miss_error"] == pytest.approx(0.12)
     assert prvipe["miss_matches"] == 2
     lift = report["methods"]["lift3d"]
-    # One miss: (pair 1, query 0) retrieved pose 2 at 0.40, a far miss on a pose with a single match.
+    # (0,0) 0.09 hit -- read the other way round it would be 0.12, a miss; (0,1) 0.00; (0,2) 0.07;
+    # (1,0) 0.40, a far miss; (1,1) 0.00; (1,2) 0.00.
     assert lift["miss"] == pytest.approx(1 / 6)
-    assert lift["near_miss"] == 0.0 and lift["miss_error"] == pytest.approx(0.40) and lift["miss_matches"] == 1
+    assert lift["near_miss"] == 0.0 and lift["miss_error"] == pytest.approx(0.40) and lift["miss_matches"] == 2
     shares = report["exclusive"]["prvipe-lift3d"]
     assert shares == pytest.approx({"both": 3 / 6, "only_prvipe": 1 / 6, "only_lift3d": 2 / 6, "neither": 0.0})
 
@@ -69,7 +69,8 @@ def test_miss_tables_show_the_report():
     result = {"rigs": {"h36m": {m: {"hit@1": 0.5} for m in ("prvipe", "lift3d")}}, "misses": {"h36m": _report()}}
     markdown = format_markdown(result, ks=(1,)).splitlines()
     assert "| h36m | Pr-VIPE (-log P over samples) | 33.3% | 100% | 0.120 | 2 |" in markdown
-    assert "| h36m | Pr-VIPE vs lifting: both / only Pr-VIPE / only lifting / neither | 50.0% | 16.7% | 33.3% | 0.0% |" \
-        in markdown
-    assert any(line.startswith("| rig | where Hit@1 misses (near: top-1 within 1.25 x kappa) |") for line in markdown)
-    assert "3D lifting + NP-MPJPE" in format_table(result, ks=(1,))
+    assert "| rig | method | both hit | only Pr-VIPE | only baseline | neither |" in markdown
+    assert "| h36m | Pr-VIPE vs lifting | 50.0% | 16.7% | 33.3% | 0.0% |" in markdown
+    assert any(line.startswith("Where Hit@1 misses:") and "within 1.25 x kappa" in line for line in markdown)
+    text = format_table(result, ks=(1,))
+    assert "within 1.25 x kappa" in text and "only Pr-VIPE" in text and "3D lifting + NP-MPJPE" in text

@@ -119,6 +119,19 @@ class KeypointDropoutConfig:
 
 
 @dataclass(frozen=True)
+class LimbSwapConfig:
+    """Limb swapping (:mod:`vipe_ray.limb_swap`): each limb of each training pose is replaced, with ``prob``,
+    by the same limb of another pose of the batch (its bone directions in the body frame, the pose's own bone
+    lengths). Both methods train on the swapped poses: they are the data."""
+
+    prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ConfigError(f"limb_swap.prob: {self.prob} is not a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
 class TemporalConfig:
     """Temporal embedding: ``frames`` consecutive poses (``stride`` table frames apart) give one embedding."""
 
@@ -364,6 +377,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)
     keypoint_dropout: KeypointDropoutConfig = field(default_factory=KeypointDropoutConfig)
+    limb_swap: LimbSwapConfig = field(default_factory=LimbSwapConfig)
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -311,10 +311,8 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                     for (i, j), top in zip(pairs, tops)]
         result["rigs"][name] = _average(per_pair, se=result["se"].setdefault(name, {}),
                                         paired=result["paired"].setdefault(name, {}))
-        result["misses"][name] = miss_report(
-            {m: torch.stack([p[m]["hit@1"] for p in per_pair]).bool() for m in methods},
-            {m: torch.stack([t[m] for t in tops]) for m in methods}, error3d, ev.kappa,
-            tuple(p for p in PAIRED if all(m in methods for m in p)))
+        result["misses"][name] = miss_report({m: torch.stack([t[m] for t in tops]) for m in methods}, error3d,
+                                             ev.kappa, tuple(p for p in PAIRED if all(m in methods for m in p)))
         progress(f"[evaluate] rig {name}: {len(rows)} queries x {len(pairs)} camera pairs "
                  f"({time.perf_counter() - start:.0f} s)")
         if not ev.occlusion:
@@ -359,13 +357,15 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
     if differences:
         lines += ["", "paired differences (points, +- standard error over queries)"]
         lines += [f"{rig:<{width}} {name:<20} " + "  ".join(cells) for rig, name, cells in differences]
-    misses = _miss_rows(result)
-    if misses:
-        names = max(len(name) for _, name, _ in misses)
-        header = f"{'rig':<{width}} {'where Hit@1 misses':<{names}}" + "".join(f"{h:>13}" for h in MISS_COLUMNS)
-        lines += ["", header, "-" * len(header)]
-        lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>13}" for c in cells)
-                  for rig, name, cells in misses]
+    legend, per_method, exclusive = _miss_tables(result)
+    if per_method:
+        lines += ["", legend]
+        for rows, columns in ((per_method, MISS_COLUMNS), (exclusive, EXCLUSIVE_COLUMNS)):
+            names = max([len("method")] + [len(name) for _, name, _ in rows])
+            header = f"{'rig':<{width}} {'method':<{names}}" + "".join(f"{h:>14}" for h in columns)
+            lines += ["", header, "-" * len(header)]
+            lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>14}" for c in cells)
+                      for rig, name, cells in rows]
     occlusion = result.get("occlusion") or {}
     if any(occlusion.values()):
         methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
@@ -389,29 +389,38 @@ def _paired_rows(result: dict, ks: tuple[int, ...]) -> list[tuple[str, str, list
             for rig, pairs in (result.get("paired") or {}).items() for pair, d in pairs.items()]
 
 
-#: The miss table's columns: :func:`vipe_ray.misses.miss_profile` per method, then the both / only / neither
-#: shares of :func:`vipe_ray.misses.exclusive_hits` against the methods Pr-VIPE is paired with.
+#: Column titles of the two miss tables: per method (:func:`vipe_ray.misses.miss_profile`), and Pr-VIPE
+#: against each baseline (:func:`vipe_ray.misses.exclusive_hits`; "only" = only that method hits).
 MISS_COLUMNS = ("missed", "near misses", "top-1 error", "matches")
+EXCLUSIVE_COLUMNS = ("both hit", "only Pr-VIPE", "only baseline", "neither")
 
 
-def _miss_rows(result: dict) -> list[tuple[str, str, list[str]]]:
-    """(rig, row name, cells) of the ``misses`` block: per method, its misses (% of queries), the share of them
-    that are near misses, their median top-1 NP-MPJPE and median matches in the index (all queries: the
-    rig's first row); then per pair of methods, the shares hit by both / only one / neither."""
-    rows = []
+def _miss_tables(result: dict) -> tuple[str, list[tuple[str, str, list[str]]], list[tuple[str, str, list[str]]]]:
+    """A legend and the (rig, row name, cells) rows of the ``misses`` block's two tables.
+
+    Per method: its misses (% of queries over the camera pairs), the share of those that are near misses, their
+    median top-1 NP-MPJPE, and the median matches of the missed queries (first row: of all queries). Per
+    baseline: the shares of queries both Pr-VIPE and it hit, only one of them, or neither."""
+    per_method, exclusive = [], []
+    near = 0.0
     for rig, report in (result.get("misses") or {}).items():
-        rows.append((rig, "all queries", ["", "", "", f"{report['matches']:.0f}"]))
+        near = report["near"]
+        per_method.append((rig, "all queries", ["", "", "", f"{report['matches']:.0f}"]))
         for method in METHODS:
             if method in report["methods"]:
                 m = report["methods"][method]
-                rows.append((rig, METHOD_NAMES[method], [
+                per_method.append((rig, METHOD_NAMES[method], [
                     f"{100 * m['miss']:.1f}%", _percent(m["near_miss"]), _number(m["miss_error"], ".3f"),
                     _number(m["miss_matches"], ".0f")]))
         for pair, shares in report["exclusive"].items():
             a, b = pair.split("-")
-            rows.append((rig, f"{_SHORT[a]} vs {_SHORT[b]}: both / only {_SHORT[a]} / only {_SHORT[b]} / neither",
-                         [f"{100 * shares[k]:.1f}%" for k in ("both", f"only_{a}", f"only_{b}", "neither")]))
-    return rows
+            exclusive.append((rig, f"{_SHORT[a]} vs {_SHORT[b]}",
+                              [f"{100 * shares[k]:.1f}%" for k in ("both", f"only_{a}", f"only_{b}", "neither")]))
+    legend = (f"where Hit@1 misses: missed = share of queries (over the camera pairs); near misses = share of the "
+              f"misses whose top-1 pose is within {near:g} x kappa of the query; top-1 error = their median "
+              f"NP-MPJPE; matches = median index poses within kappa (the query's own included) of the missed "
+              f"queries, and of all queries")
+    return legend, per_method, exclusive
 
 
 def _percent(share: float) -> str:
@@ -443,11 +452,12 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
         lines += ["", "| rig | paired difference (points, +- standard error over queries) | "
                   + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in differences]
-    misses = _miss_rows(result)
-    if misses:
-        lines += ["", f"| rig | where Hit@1 misses (near: top-1 within {_near(result)} kappa) | "
-                  + " | ".join(MISS_COLUMNS) + " |", "|---|---|" + "---|" * len(MISS_COLUMNS)]
-        lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in misses]
+    legend, per_method, exclusive = _miss_tables(result)
+    if per_method:
+        lines += ["", legend[0].upper() + legend[1:] + "."]
+        for rows, columns in ((per_method, MISS_COLUMNS), (exclusive, EXCLUSIVE_COLUMNS)):
+            lines += ["", "| rig | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+            lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in rows]
     occlusion = {rig: patterns for rig, patterns in (result.get("occlusion") or {}).items() if patterns}
     if occlusion:
         methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
@@ -462,10 +472,6 @@ def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
                 cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)
                 lines.append(f"| {pattern} | {mode} | {cells} | {100 * max(lost):.1f}% |")
     return "\n".join(lines)
-
-
-def _near(result: dict) -> str:
-    return f"{next(iter(result['misses'].values()))['near']:g} x"
 
 
 def write_json(result: dict, path: str | Path) -> None:

@@ -21,7 +21,7 @@ H36M17_JOINTS: tuple[str, ...] = (
     "pelvis", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "spine", "thorax",
     "neck", "head", "l_shoulder", "l_elbow", "l_wrist", "r_shoulder", "r_elbow", "r_wrist",
 )
-PELVIS, R_HIP, L_HIP, SPINE, THORAX = 0, 1, 4, 7, 8
+PELVIS, R_HIP, L_HIP, SPINE, THORAX, L_SHOULDER, R_SHOULDER = 0, 1, 4, 7, 8, 11, 14
 
 COCO13_KEYPOINTS: tuple[str, ...] = (
     "nose", "l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "l_wrist", "r_wrist",
@@ -202,9 +202,17 @@ def body_frame(joints: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., 17, 3]``, the same poses in their body frames (a proper rotation: lengths and chirality kept).
     """
-    x = torch.nn.functional.normalize(joints[..., R_HIP, :] - joints[..., L_HIP, :], dim=-1)
+    return torch.einsum("...ij,...kj->...ki", body_rotation(joints), joints)
+
+
+def body_rotation(joints: torch.Tensor, left: int = L_HIP, right: int = R_HIP) -> torch.Tensor:
+    """The rotation from the input frame into a pose's own body frame: ``[..., 17, 3] -> [..., 3, 3]``, rows the
+    body axes in the input frame (x from the ``left`` to the ``right`` joint, the hips by default, z the
+    pelvis-to-thorax direction made orthogonal to x, y = z x x: a proper rotation). Translation-invariant: any
+    centring will do. With the shoulders as ``left``/``right``, the frame of the chest (which turns against the
+    hips)."""
+    x = torch.nn.functional.normalize(joints[..., right, :] - joints[..., left, :], dim=-1)
     up = joints[..., THORAX, :] - joints[..., PELVIS, :]
     z = torch.nn.functional.normalize(up - (up * x).sum(-1, keepdim=True) * x, dim=-1)
     y = torch.linalg.cross(z, x, dim=-1)
-    rotation = torch.stack([x, y, z], dim=-2)  # rows: the body axes in the input's frame
-    return torch.einsum("...ij,...kj->...ki", rotation, joints)
+    return torch.stack([x, y, z], dim=-2)

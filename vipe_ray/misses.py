@@ -5,11 +5,13 @@ the nearest poses badly. Per rig (clean protocol, every camera pair; one observa
 
 * ``exclusive``: for Pr-VIPE against each baseline, the share of observations both methods hit, only one of
   them hits, or neither -- whether the two fail on the same queries;
+* ``miss``: per method, the share of observations it misses (1 - Hit@1);
 * ``near_miss``: per method, the share of its misses whose top-1 pose is within ``near x kappa`` NP-MPJPE of
-  the query (retrieved the right neighbourhood, ordered it wrong);
+  the query (retrieved the right neighbourhood, ordered it wrong), out of the misses that retrieved a pose;
 * ``miss_error``: per method, the median NP-MPJPE of the top-1 pose over its misses;
-* ``matches``: the median number of index poses within kappa of the query, over all observations (``all``)
-  and over each method's misses: misses on rare poses have few matches to find.
+* ``matches``: the median number of index poses within kappa of the query (its own pose, seen by the index
+  camera, included), over all observations, and per method ``miss_matches`` over its misses: misses on rare
+  poses have few matches to find.
 
 An observation with nothing retrieved (a query or index without an embedding) is a miss with no top-1 pose:
 it counts in ``exclusive`` and ``matches`` but not in ``near_miss`` or ``miss_error``.
@@ -64,34 +66,35 @@ def miss_profile(hit: torch.Tensor, top1_error: torch.Tensor, matches: torch.Ten
             "miss_error": _median(errors), "miss_matches": _median(matches[missed])}
 
 
-def miss_report(hits: dict[str, torch.Tensor], top1: dict[str, torch.Tensor], error3d: torch.Tensor,
-                kappa: float, pairs: tuple[tuple[str, str], ...], near: float = NEAR_FACTOR) -> dict:
+def miss_report(top1: dict[str, torch.Tensor], error3d: torch.Tensor, kappa: float,
+                pairs: tuple[tuple[str, str], ...], near: float = NEAR_FACTOR) -> dict:
     """The misses of every method on one rig.
 
     Args:
-        hits: method -> ``[pairs, queries]`` bool, hit at 1 for each camera pair and query.
-        top1: method -> ``[pairs, queries]`` long, the top-1 index pose; -1 where nothing was retrieved.
-        error3d: ``[queries, index]`` NP-MPJPE of each index pose to each query's 3D pose (the index of every
-            camera renders the same poses, so one table serves every pair).
-        pairs: (a, b) methods to compare by :func:`exclusive_hits`, each present in ``hits``.
+        top1: method -> ``[pairs, queries]`` long, the top-1 index pose of each query for each camera pair;
+            -1 where nothing was retrieved.
+        error3d: ``[queries, index]`` NP-MPJPE of each index pose aligned onto each query's 3D pose (the index
+            of every camera renders the same poses, so one table serves every pair). A hit at 1 is a top-1 pose
+            within ``kappa``: the Hit@1 of the evaluation.
+        pairs: (a, b) methods to compare by :func:`exclusive_hits`, each present in ``top1``.
     Returns:
         ``{"near": near, "exclusive": {"a-b": {"both", "only_a", "only_b", "neither"}}, "methods": {method:
-        miss_profile}, "matches": median matches over all observations}``.
+        miss_profile}, "matches": median matches over all observations}`` (the query's own pose counts as one
+        of its matches).
     """
     matches = (error3d <= kappa).sum(1)  # [queries]
     out: dict = {"near": near, "exclusive": {}, "methods": {}}
-    for method, hit in hits.items():
-        index = top1[method]
-        if index.shape != hit.shape:
-            raise ValueError(f"miss_report: {method}: top1 {tuple(index.shape)} and hits {tuple(hit.shape)} differ")
-        queries = torch.arange(hit.shape[1]).expand_as(index)
+    hits = {}
+    for method, index in top1.items():
+        queries = torch.arange(index.shape[1]).expand_as(index)
         error = torch.where(index >= 0, error3d[queries, index.clamp_min(0)],
                             torch.full(index.shape, math.nan, dtype=error3d.dtype))
-        out["methods"][method] = miss_profile(hit.flatten(), error.flatten(),
+        hits[method] = error <= kappa  # NaN (nothing retrieved) compares False: a miss
+        out["methods"][method] = miss_profile(hits[method].flatten(), error.flatten(),
                                               matches.expand_as(index).flatten(), kappa, near)
     for a, b in pairs:
         shares = exclusive_hits(hits[a].flatten(), hits[b].flatten())
         out["exclusive"][f"{a}-{b}"] = {"both": shares["both"], f"only_{a}": shares["only_a"],
                                         f"only_{b}": shares["only_b"], "neither": shares["neither"]}
-    out["matches"] = _median(matches.expand_as(next(iter(hits.values()))).flatten()) if hits else math.nan
+    out["matches"] = _median(matches.expand_as(next(iter(top1.values()))).flatten()) if top1 else math.nan
     return out

@@ -36,8 +36,8 @@ from vipe_ray import log
 from vipe_ray.config import ConfigError, TrainConfig, _build
 from vipe_ray.distributed import BEST_METRIC, Scaling
 from vipe_ray.storage import location
-from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, log_metrics,
-                            _unfinished, base_values, check_resources, finalize_trial, launched, parent_run,
+from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _unfinished,
+                            base_values, check_resources, finalize_trial, launched, log_metrics, parent_run,
                             parse_resources, read_mapping, trial_config, trial_resources)
 
 #: Keys whose variants the report plots Hit@1 against (``series`` in the YAML).

@@ -924,11 +924,13 @@ def _mlflow_metrics(values: dict[str, float]):
 def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
     """Log ``values`` (finite ones; ``@`` spelled ``_at_``) on a run, in batches under MLflow's limit of 1,000
     metrics per request: a full evaluation on a few rigs of one's own has more."""
-    from mlflow.utils.validation import MAX_METRICS_PER_BATCH
-
+    try:
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH as per_batch
+    except ImportError:  # an internal module of MLflow's: its documented limit if it moves
+        per_batch = 1000
     metrics = _mlflow_metrics(values)
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+    for start in range(0, len(metrics), per_batch):
+        client.log_batch(run_id, metrics=metrics[start:start + per_batch])
 
 
 def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False):

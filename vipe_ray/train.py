@@ -26,6 +26,7 @@ from vipe_ray.config import (ConfigError, KeypointDropoutConfig, LossConfig, Tra
                              config_to_dict, flatten)
 from vipe_ray.data import PoseTable, WindowSampler, load_table
 from vipe_ray.keypoints import body_frame, normalize_3d
+from vipe_ray.limb_swap import swap_limbs
 from vipe_ray.losses import gaussian_kl, graded_ranking_loss, kernel_distance, triplet_ratio_loss
 from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
 from vipe_ray.mining import mine_triplets, nearest_candidates
@@ -188,6 +189,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3
     mark = timer or (lambda _name: None)
     module = unwrap(model)
     device = next(module.parameters()).device
+    joints3d = swap_limbs(joints3d, config.limb_swap.prob, generator)
     b = joints3d.shape[0]
     orbits_a, orbits_p = training_views(b, config, generator)
     jitter = config.optim.jitter
@@ -290,7 +292,7 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     lifter reads the centre frame.
     """
     device = next(unwrap(model).parameters()).device
-    centre = joints3d[:, joints3d.shape[1] // 2]
+    centre = swap_limbs(joints3d, config.limb_swap.prob, generator)[:, joints3d.shape[1] // 2]
     orbits_a, orbits_p = training_views(joints3d.shape[0], config, generator)
     feats, targets = [], []
     for orbits, dropout in zip((orbits_a, orbits_p), view_dropouts(config, progress)):
