@@ -54,6 +54,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -359,12 +360,12 @@ def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
         lines += [f"{rig:<{width}} {name:<20} " + "  ".join(cells) for rig, name, cells in differences]
     legend, per_method, exclusive = _miss_tables(result)
     if per_method:
-        lines += ["", legend]
+        lines += [""] + textwrap.wrap(legend, 110)
         for rows, columns in ((per_method, MISS_COLUMNS), (exclusive, EXCLUSIVE_COLUMNS)):
             names = max([len("method")] + [len(name) for _, name, _ in rows])
-            header = f"{'rig':<{width}} {'method':<{names}}" + "".join(f"{h:>14}" for h in columns)
+            header = f"{'rig':<{width}} {'method':<{names}}" + "".join(f"{h:>15}" for h in columns)
             lines += ["", header, "-" * len(header)]
-            lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>14}" for c in cells)
+            lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>15}" for c in cells)
                       for rig, name, cells in rows]
     occlusion = result.get("occlusion") or {}
     if any(occlusion.values()):
