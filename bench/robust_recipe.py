@@ -47,7 +47,7 @@ import torch
 from vipe_ray.config import load_config, merge
 from vipe_ray.data import load_table
 from vipe_ray.evaluate import LIMBS, evaluate_rigs
-from vipe_ray.train import load_checkpoint, train
+from vipe_ray.train import lifter_limb_swap, load_checkpoint, train
 
 PAPER = {"elevation": [-30, 30], "roll": [-30, 30], "distance": [2.5, 6.0]}
 BROAD = {"elevation": [-45, 85], "roll": [-60, 60], "distance": [1.5, 10.0], "focal": [400, 3000]}
@@ -140,8 +140,10 @@ CANDIDATES = {
     # Round 11: the ranking on the embedding means, free of the samples' noise.
     "rank_means": {"loss": {"ranking_on": "means"}},
     # Round 12: new poses from the limbs of others (both methods train on them: each gets its own lifter).
-    "limb_swap0.25": {"limb_swap": {"prob": 0.25}},
-    "limb_swap0.5": {"limb_swap": {"prob": 0.5}},
+    "limb_swap0.25": {"limb_swap": {"prob": 0.25, "lifter": True}},
+    "limb_swap0.5": {"limb_swap": {"prob": 0.5, "lifter": True}},
+    # ... and Pr-VIPE alone on them, the lifter on the original poses (the default's lifter).
+    "limb_swap0.25_prvipe": {"limb_swap": {"prob": 0.25, "lifter": False}},
 }
 #: Candidates that change only Pr-VIPE (mining, embedding) share the lifter of the candidate named here:
 #: the lifter's training reads none of those keys, so it would be the same model.
@@ -158,12 +160,16 @@ SHARED_LIFTER = {"symmetric": "default", "symmetric+dim32": "default", "symmetri
                  "rank_both8": "default", "rank_both4+neighbours10": "default", "rank_both4+neighbours20": "default",
                  "kernel_lr10": "default", "rank_tail": "default", "lift_camera1": "backbone_dropout0",
                  "lift_camera5": "backbone_dropout0", "lift_body5": "backbone_dropout0", "ranking5": "backbone_dropout0",
-                 "rank_means": "backbone_dropout0"}
+                 "rank_means": "backbone_dropout0",
+                 "limb_swap0.25_prvipe": "backbone_dropout0"}
 
 
 def same_lifter_training(config, theirs) -> bool:
     """Whether two configs train the same lifter: they may differ only in what Pr-VIPE alone reads."""
     own_only = {"mining": theirs.mining, "loss": theirs.loss, "lifter_baseline": theirs.lifter_baseline,
+                # Limb swapping only as far as the lifter reads it.
+                "limb_swap": (theirs.limb_swap if lifter_limb_swap(config) == lifter_limb_swap(theirs)
+                              else config.limb_swap),
                 "optim": replace(config.optim, kernel_lr_scale=theirs.optim.kernel_lr_scale),
                 "model": replace(config.model, embedding_dim=theirs.model.embedding_dim, samples=theirs.model.samples,
                                  probabilistic=theirs.model.probabilistic)}

@@ -102,3 +102,35 @@ def test_limb_swap_config_errors_name_the_key():
         load_config(overrides={"limb_swap": {"prob": 1.5}})
     with pytest.raises(ConfigError, match="limb_swap"):
         load_config(overrides={"limb_swap": {"rate": 0.5}})
+
+
+def test_the_lifter_trains_on_the_original_poses_when_told(tiny_overrides):
+    """``limb_swap.lifter: false``: the lifter's step draws nothing for the swap and trains exactly as without
+    limb swapping; with ``lifter: true`` it trains on other poses. Pr-VIPE's step swaps either way."""
+    from vipe_ray.config import merge
+    from vipe_ray.model import Lifter
+    from vipe_ray.train import build_model, build_optimizer, lifter_step, train_step
+
+    poses = _poses(24)
+
+    def lifter_after_a_step(limb_swap: dict) -> torch.Tensor:
+        config = load_config(overrides=merge(tiny_overrides, {"limb_swap": limb_swap, "model": {"dropout": 0.0}}))
+        torch.manual_seed(0)
+        lifter = Lifter(config.model)
+        optimizer, _ = build_optimizer(config, lifter)
+        lifter_step(lifter, optimizer, poses, config, torch.Generator().manual_seed(1))
+        return torch.cat([p.detach().flatten() for p in lifter.parameters()])
+
+    off = lifter_after_a_step({"prob": 0.0})
+    assert torch.equal(lifter_after_a_step({"prob": 0.5, "lifter": False}), off)
+    assert not torch.equal(lifter_after_a_step({"prob": 0.5, "lifter": True}), off)
+
+    def prvipe_loss(limb_swap: dict) -> float:
+        config = load_config(overrides=merge(tiny_overrides, {"limb_swap": limb_swap, "model": {"dropout": 0.0}}))
+        torch.manual_seed(0)
+        model = build_model(config)
+        optimizer, _ = build_optimizer(config, model)
+        return train_step(model, optimizer, poses, config, torch.Generator().manual_seed(1))["loss"]
+
+    assert prvipe_loss({"prob": 0.5, "lifter": False}) == prvipe_loss({"prob": 0.5, "lifter": True})
+    assert prvipe_loss({"prob": 0.5, "lifter": False}) != prvipe_loss({"prob": 0.0})

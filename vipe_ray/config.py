@@ -122,9 +122,11 @@ class KeypointDropoutConfig:
 class LimbSwapConfig:
     """Limb swapping (:mod:`vipe_ray.limb_swap`): each limb of each training pose is replaced, with ``prob``,
     by the same limb of another pose of the batch (its bone directions in the body frame, the pose's own bone
-    lengths). Both methods train on the swapped poses: they are the data."""
+    lengths). Pr-VIPE trains on the swapped poses; the lifting baseline too unless ``lifter`` is false (then
+    it trains on the original poses, drawing nothing for the swap)."""
 
     prob: float = 0.0
+    lifter: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:

@@ -283,6 +283,11 @@ def _graded_ranking(kernel: torch.Tensor, anchors: torch.Tensor, pool: torch.Ten
     return graded_ranking_loss(scores, error.to(scores.dtype), loss.ranking_temperature)
 
 
+def lifter_limb_swap(config: TrainConfig) -> float:
+    """The limb-swap probability of the lifting baseline's poses (0 where ``limb_swap.lifter`` is false)."""
+    return config.limb_swap.prob if config.limb_swap.lifter else 0.0
+
+
 def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints3d: torch.Tensor,
                 config: TrainConfig, generator: torch.Generator, progress: float = 1.0) -> dict[str, float]:
     """One step of the 3D-lifting baseline: regress the normalized camera-frame 3D of every view.
@@ -292,7 +297,7 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     lifter reads the centre frame.
     """
     device = next(unwrap(model).parameters()).device
-    centre = swap_limbs(joints3d, config.limb_swap.prob, generator)[:, joints3d.shape[1] // 2]
+    centre = swap_limbs(joints3d, lifter_limb_swap(config), generator)[:, joints3d.shape[1] // 2]
     orbits_a, orbits_p = training_views(joints3d.shape[0], config, generator)
     feats, targets = [], []
     for orbits, dropout in zip((orbits_a, orbits_p), view_dropouts(config, progress)):
