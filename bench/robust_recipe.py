@@ -31,7 +31,8 @@ Hit@1 clean and under occlusion (single limbs, clean index) per candidate and me
 as JSON beside the runs. Candidates are changes to the shipped default config as it is now: the rows of rounds
 1-4 in the README were measured on the defaults of their time (round 5 added the graded ranking loss; add
 ``loss: {ranking_weight: 0}`` to re-run an earlier candidate as it ran; round 6 made it rank from both views;
-rounds 1-8 ran with the reference's backbone dropout, which round 8 removed: add ``model: {dropout: 0.3}``).
+rounds 1-8 ran with the reference's backbone dropout, which round 8 removed: add ``model: {dropout: 0.3}``;
+rounds 1-11 ran without limb swapping, which round 12 added: add ``limb_swap: {prob: 0}``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,6 @@ def test_every_candidate_loads_and_every_shared_lifter_is_the_same_training(reci
     for name, donor in recipe.SHARED_LIFTER.items():
         assert recipe.same_lifter_training(configs[name], configs[donor]), f"{name} cannot share {donor}'s lifter"
     # Candidates that change what the lifter reads train their own.
-    for name in ("lr0.002", "batch512", "batch512_half_steps", "broad_cameras", "backbone_dropout0.1"):
+    for name in ("lr0.002", "batch512", "batch512_half_steps", "broad_cameras", "backbone_dropout0.1", "limb_swap0.25"):
         assert name not in recipe.SHARED_LIFTER
         assert not recipe.same_lifter_training(configs[name], configs["default"])
