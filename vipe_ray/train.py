@@ -293,8 +293,8 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     """One step of the 3D-lifting baseline: regress the normalized camera-frame 3D of every view.
 
     It sees what a Pr-VIPE step sees: the same two views of each pose (cameras, dropout, jitter drawn the
-    same way), so both methods get the same data per step. ``joints3d``: ``[batch, frames, 17, 3]``; the
-    lifter reads the centre frame.
+    same way), so both methods get the same data per step; limb-swapped poses only with ``limb_swap.lifter``
+    (:func:`lifter_limb_swap`). ``joints3d``: ``[batch, frames, 17, 3]``; the lifter reads the centre frame.
     """
     device = next(unwrap(model).parameters()).device
     centre = swap_limbs(joints3d, lifter_limb_swap(config), generator)[:, joints3d.shape[1] // 2]
