@@ -5,8 +5,8 @@ parts. Each limb (an arm: shoulder, elbow, wrist; a leg: hip, knee, ankle) of a 
 probability, replaced by the same limb of another pose of the batch: the donor's bone *directions*, taken in
 the donor's body frame (:func:`vipe_ray.keypoints.body_rotation`: of the hips for a leg, of the shoulders for
 an arm) and carried into the recipient's, hung from the recipient's own shoulder or hip with the recipient's
-own bone *lengths*. The torso, head and the other limbs stay. The
-result is a whole 3D pose, so every label read from it (NP-MPJPE matching, the lifter's target) stays exact.
+own bone *lengths*. The torso, head and the other limbs stay. The result is a whole 3D pose, so every label
+read from it (NP-MPJPE matching, the lifter's target) stays exact.
 """
 
 from __future__ import annotations

@@ -297,7 +297,9 @@ def lifter_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, joints
     (:func:`lifter_limb_swap`). ``joints3d``: ``[batch, frames, 17, 3]``; the lifter reads the centre frame.
     """
     device = next(unwrap(model).parameters()).device
-    centre = swap_limbs(joints3d, lifter_limb_swap(config), generator)[:, joints3d.shape[1] // 2]
+    # Only the centre frame is read: swap that one (the draws depend on the batch alone, so it is the same pose).
+    middle = joints3d.shape[1] // 2
+    centre = swap_limbs(joints3d[:, middle:middle + 1], lifter_limb_swap(config), generator)[:, 0]
     orbits_a, orbits_p = training_views(joints3d.shape[0], config, generator)
     feats, targets = [], []
     for orbits, dropout in zip((orbits_a, orbits_p), view_dropouts(config, progress)):
