@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vipe_ray.mocap import H36M17_JOINTS, MocapFormatError
-from vipe_ray.mocap import convert as convert_mod
+from vipe_ray.mocap import table as table_mod
 from vipe_ray.mocap.convert import convert_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,11 @@ def test_fixture_conversion_schema_and_rows(fixture_table):
     # z up, metres: pelvis about 1 m above the floor, head above pelvis
     assert (0.8 < j[:, 0, 2]).all() and (j[:, 0, 2] < 1.2).all()
     assert (j[:, 10, 2] > j[:, 0, 2]).all()
-    assert len(messages) == 3 and messages[0].startswith("subjects/02/02_03.amc") and messages[1].startswith("bvh/01_01.bvh")
+    # one process per take here (2 takes): progress lines count takes in the order they finish
+    takes = [m for m in messages if m.startswith("[")]
+    assert sorted(m.split("] ")[1].split(":")[0] for m in takes) == ["bvh/01_01.bvh", "subjects/02/02_03.amc"]
+    assert {m.split("]")[0] for m in takes} == {"[1/2", "[2/2"}
+    assert messages[-1].startswith("wrote 53 rows")
 
 
 def test_fixture_metadata(fixture_table):
@@ -80,7 +84,8 @@ def test_fixture_metadata(fixture_table):
     assert meta["format_version"] == 1 and meta["fps"] == 30 and meta["source_fps"] == 120
     assert meta["joints"] == list(H36M17_JOINTS) and len(meta["joints"]) == 17
     assert meta["joints"][:4] == ["pelvis", "r_hip", "r_knee", "r_ankle"]
-    assert meta["units"] == "metres"
+    assert meta["units"] == "metres" and meta["left_out"] == []
+    assert meta["skeletons"] == {"bvh/01_01.bvh": "cgspeed-motionbuilder"}
     assert meta["axes"] == "right-handed, z up; X = x_cmu, Y = -z_cmu, Z = y_cmu"
     assert meta["sources"] == {
         rel: sha256(FIXTURES / rel)
@@ -98,10 +103,6 @@ def test_fixture_rows_equal_committed_table(fixture_table):
     assert expected.num_rows == 44
     assert mine.select(["subject", "clip", "frame"]).equals(expected.select(["subject", "clip", "frame"]))
     np.testing.assert_array_equal(joints(mine), joints(expected))  # float-equal
-    # the committed BVH rows start with the fixture's 9 rows (same first 40 lines)
-    bvh = committed.filter(pa.array(np.asarray(committed.column("clip").to_pylist()) == "01_01"))
-    np.testing.assert_array_equal(joints(bvh)[:9], joints(t)[:9])
-    assert bvh.column("frame").to_pylist()[:9] == t.column("frame").to_pylist()[:9]
 
 
 def test_deterministic_and_fps_120(tmp_path):
@@ -185,7 +186,7 @@ def test_failure_while_writing_removes_temp_file(tmp_path, monkeypatch):
         where.write(b"PAR1 partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(convert_mod.pq, "write_table", half_write)
+    monkeypatch.setattr(table_mod.pq, "write_table", half_write)
     with pytest.raises(OSError, match="simulated"):
         convert_directory(FIXTURES, out, progress=None)
     assert out.read_bytes() == b"previous content"
@@ -224,22 +225,53 @@ def test_committed_table_contract():
     keys = list(zip(*(t.column(c).to_pylist() for c in ("subject", "clip", "frame"))))
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert all(f % 4 == 0 for _, _, f in keys)
-    assert all(f >= 4 for s, c, f in keys if c == "01_01")
     assert np.isfinite(joints(t)).all()
+    # 01_01 comes from CMU's AMC (frames from 0); its cgspeed BVH and the truncated 07_12 are listed as left out
+    assert [f for _, c, f in keys if c == "01_01"][:2] == [0, 4]
+    assert [d["file"] for d in meta["left_out"]] == ["cmu-mocap-more/subjects/07/07_12.amc", "cmu-mocap/bvh/01_01.bvh"]
+    assert sorted(set(meta["skeletons"].values())) == ["cgspeed-3dsmax", "cgspeed-daz", "cgspeed-motionbuilder"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared raw CMU data not present at {SHARED}")
+SHARED_MORE = SHARED.parent / "cmu-mocap-more"
+
+
+def _shared_sums(folder: Path, prefix: str = "") -> dict[str, str]:
+    sums = dict(reversed(line.split()) for line in (folder / "SHA256SUMS").read_text().splitlines() if line.strip())
+    return {prefix + k: v for k, v in sums.items() if k.endswith((".asf", ".amc", ".bvh"))}
+
+
+@pytest.mark.skipif(not SHARED_MORE.is_dir(), reason=f"shared raw CMU data not present at {SHARED_MORE}")
 def test_full_shared_conversion_equals_committed(tmp_path):
+    """The bundled table is exactly `vipe-ray convert cmu-mocap cmu-mocap-more OUT --skip-invalid --prefer amc`."""
     out = tmp_path / "full.parquet"
-    summary = convert_directory(SHARED, out, fps=30, progress=None)
+    summary = convert_directory([SHARED, SHARED_MORE], out, fps=30, progress=None, skip_invalid=True, prefer="amc")
     mine, committed = pq.read_table(out), pq.read_table(COMMITTED)
     assert mine.equals(committed, check_metadata=True)
     assert meta_of(mine) == meta_of(committed)
-    assert summary["rows"] == committed.num_rows and summary["clips"] == 132
-    assert summary["subjects"] == 11
-    # every raw data file listed in SHA256SUMS was read, with matching hashes
-    sums = dict(reversed(line.split()) for line in (SHARED / "SHA256SUMS").read_text().splitlines() if line.strip())
-    assert meta_of(mine)["sources"] == {k: v for k, v in sums.items() if k.endswith((".asf", ".amc", ".bvh"))}
+    assert summary["rows"] == committed.num_rows == 65467
+    assert summary["clips"] == 214 and summary["subjects"] == 20
+    # every raw data file listed in SHA256SUMS was read, with matching hashes, except the two left out
+    sums = {**_shared_sums(SHARED, "cmu-mocap/"), **_shared_sums(SHARED_MORE, "cmu-mocap-more/")}
+    left_out = {d["file"] for d in summary["left_out"]}
+    assert meta_of(mine)["sources"] == {k: v for k, v in sums.items() if k not in left_out}
+
+
+@pytest.mark.skipif(not SHARED_MORE.is_dir(), reason=f"shared raw CMU data not present at {SHARED_MORE}")
+def test_cli_converts_a_real_collection_with_a_broken_file(tmp_path, capsys):
+    from vipe_ray.cli import main
+
+    out = tmp_path / "more.parquet"
+    assert main(["convert", str(SHARED_MORE), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "subjects/07/07_12.amc:7324: frame 245 is incomplete" in err and "--skip-invalid" in err
+    assert dir_listing(tmp_path) == []
+    assert main(["convert", str(SHARED_MORE), str(out), "--skip-invalid"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out subjects/07/07_12.amc:7324: frame 245 is incomplete" in printed
+    t = pq.read_table(out)
+    meta = meta_of(t)
+    assert len(set(t.column("clip").to_pylist())) == 83 and len(meta["skeletons"]) == 18
+    assert [d["file"] for d in meta["left_out"]] == ["subjects/07/07_12.amc"]
 
 
 def test_bvh_wrong_frame_rate_is_rejected(tmp_path):
@@ -253,3 +285,218 @@ def test_bvh_wrong_frame_rate_is_rejected(tmp_path):
         convert_directory(raw, tmp_path / "o.parquet", progress=None)
     assert str(ei.value).startswith(f"01_01.bvh:{k + 1}: ") and "0.0166667" in str(ei.value)
     assert not (tmp_path / "o.parquet").exists()
+
+
+# --- whole collections: --skip-invalid, several folders, one take in two formats, processes
+
+
+def _truncate(amc: Path) -> int:
+    """Cut an AMC inside its last frame, as a broken copy would be; returns that frame's line."""
+    lines = amc.read_text().splitlines(keepends=True)[:-3]
+    amc.write_text("".join(lines))
+    return max(k for k, line in enumerate(lines, 1) if line.strip().isdigit())
+
+
+def test_truncated_file_stops_the_run_and_writes_nothing(tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(FIXTURES, raw)
+    last = _truncate(raw / "subjects/02/02_03.amc")
+    with pytest.raises(MocapFormatError) as ei:
+        convert_directory(raw, tmp_path / "out" / "t.parquet", progress=None, workers=2)
+    assert str(ei.value).startswith(f"subjects/02/02_03.amc:{last}: frame 173 is incomplete")
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_invalid_reports_and_lists_the_file(tmp_path, fixture_table):
+    _, complete, _, _ = fixture_table
+    raw = tmp_path / "raw"
+    shutil.copytree(FIXTURES, raw)
+    last = _truncate(raw / "subjects/02/02_03.amc")
+    messages = []
+    out = tmp_path / "t.parquet"
+    summary = convert_directory(raw, out, progress=messages.append, skip_invalid=True, workers=2)
+    t = pq.read_table(out)
+    assert summary["clips"] == 1 and summary["rows"] == 9 and set(t.column("clip").to_pylist()) == {"01_01"}
+    assert len(summary["left_out"]) == 1
+    item = summary["left_out"][0]
+    assert item["file"] == "subjects/02/02_03.amc" and item["line"] == last
+    assert item["reason"].startswith("frame 173 is incomplete")
+    assert meta_of(t)["left_out"] == summary["left_out"]
+    assert "subjects/02/02_03.amc" not in meta_of(t)["sources"]  # sources: the files the rows came from
+    assert any(m.startswith("[") and f"left out: subjects/02/02_03.amc:{last}:" in m for m in messages)
+    np.testing.assert_array_equal(joints(t), joints(complete)[:9])
+
+
+def test_skip_invalid_broken_skeleton_leaves_out_its_subject(tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(FIXTURES, raw)
+    asf = raw / "subjects/02/02.asf"
+    asf.write_text(asf.read_text().replace(":units", ":unitz", 1))
+    summary = convert_directory(raw, tmp_path / "t.parquet", progress=None, skip_invalid=True, workers=1)
+    assert summary["clips"] == 1
+    files = [d["file"] for d in summary["left_out"]]
+    assert files == ["subjects/02/02.asf", "subjects/02/02_03.amc"]
+    assert summary["left_out"][1]["reason"] == "its skeleton subjects/02/02.asf is invalid"
+
+
+def test_skip_invalid_with_nothing_valid_is_an_error(tmp_path):
+    raw = tmp_path / "raw" / "subjects" / "02"
+    raw.mkdir(parents=True)
+    shutil.copy(FIXTURES / "subjects/02/02.asf", raw)
+    shutil.copy(FIXTURES / "subjects/02/02_03.amc", raw)
+    _truncate(raw / "02_03.amc")
+    with pytest.raises(ValueError, match="no valid take"):
+        convert_directory(tmp_path / "raw", tmp_path / "t.parquet", progress=None, skip_invalid=True)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_rows_do_not_depend_on_the_number_of_processes(tmp_path):
+    outs = []
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}.parquet"
+        convert_directory(FIXTURES, out, progress=None, workers=workers)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+def _two_formats(tmp_path):
+    """Two folders holding take 01_01 of subject 01 as AMC and as BVH."""
+    amc_dir, bvh_dir = tmp_path / "amc", tmp_path / "bvh-only"
+    (amc_dir / "subjects" / "01").mkdir(parents=True)
+    for name in ("01.asf", "01_01.amc"):
+        shutil.copy(REPO / "tests/fixtures/amc-bvh-01_01" / name, amc_dir / "subjects/01" / name)
+    bvh_dir.mkdir()
+    shutil.copy(FIXTURES / "bvh/01_01.bvh", bvh_dir / "01_01.bvh")
+    return amc_dir, bvh_dir
+
+
+def test_one_take_in_two_formats_needs_prefer(tmp_path):
+    amc_dir, bvh_dir = _two_formats(tmp_path)
+    with pytest.raises(ValueError) as ei:
+        convert_directory([amc_dir, bvh_dir], tmp_path / "t.parquet", progress=None)
+    msg = str(ei.value)
+    assert "amc/subjects/01/01_01.amc" in msg and "bvh-only/01_01.bvh" in msg and "--prefer" in msg
+    assert not (tmp_path / "t.parquet").exists()
+    for prefer, kept, dropped in (("amc", "amc/subjects/01/01_01.amc", "bvh-only/01_01.bvh"),
+                                  ("bvh", "bvh-only/01_01.bvh", "amc/subjects/01/01_01.amc")):
+        out = tmp_path / f"{prefer}.parquet"
+        summary = convert_directory([amc_dir, bvh_dir], out, progress=None, prefer=prefer)
+        meta = meta_of(pq.read_table(out))
+        assert summary["clips"] == 1 and kept in meta["sources"] and dropped not in meta["sources"]
+        assert summary["left_out"] == [{"file": dropped, "line": 0,
+                                        "reason": f"the same take as {kept} (prefer {prefer})"}]
+    # AMC frame numbers start at 1 (stored 0-based); the BVH's line 0 is cgspeed's T-pose
+    t = pq.read_table(tmp_path / "amc.parquet")
+    assert t.column("frame").to_pylist()[:3] == [0, 4, 8]
+
+
+def test_bad_collection_arguments(tmp_path):
+    with pytest.raises(ValueError, match="prefer"):
+        convert_directory(FIXTURES, tmp_path / "o.parquet", progress=None, prefer="c3d")
+    with pytest.raises(ValueError, match="workers"):
+        convert_directory(FIXTURES, tmp_path / "o.parquet", progress=None, workers=0)
+    other = tmp_path / "cmu-mini"
+    shutil.copytree(FIXTURES, other)
+    with pytest.raises(ValueError, match="distinct names"):
+        convert_directory([FIXTURES, other], tmp_path / "o.parquet", progress=None)
+    assert dir_listing(tmp_path) == ["cmu-mini"]
+
+
+# --- BVH skeletons: the three cgspeed flavours, a user's map, a file no map fits
+
+FLAVOURS = Path(__file__).parent / "fixtures" / "bvh-flavours"
+
+
+def test_every_cgspeed_flavour_converts_with_its_own_map(tmp_path):
+    out = tmp_path / "flavours.parquet"
+    summary = convert_directory(FLAVOURS, out, fps=120, progress=None, workers=2)
+    t = pq.read_table(out)
+    meta = meta_of(t)
+    assert meta["skeletons"] == {"08_01.bvh": "cgspeed-motionbuilder", "12_01.bvh": "cgspeed-daz",
+                                 "131_01.bvh": "cgspeed-3dsmax"}
+    frames = {c: [f for cc, f in zip(t.column("clip").to_pylist(), t.column("frame").to_pylist()) if cc == c]
+              for c in ("08_01", "12_01", "131_01")}
+    # MotionBuilder and Daz files open with a T-pose (dropped); the 3dsMax files start with the take
+    assert frames["08_01"][0] == 1 and frames["12_01"][0] == 1 and frames["131_01"][0] == 0
+    assert summary["subjects"] == 3
+    j = joints(t)
+    stature = j[:, 10, 2] - np.minimum(j[:, 3, 2], j[:, 6, 2])  # head top over the lower ankle, metres
+    assert (stature > 1.2).all() and (stature < 2.0).all()
+
+
+def _renamed(text: str, renames: dict[str, str]) -> str:
+    import re
+
+    for old, new in renames.items():
+        text = re.sub(rf"\b{old}\b", new, text)
+    return text
+
+
+def test_a_user_skeleton_map_converts_another_naming(tmp_path, capsys):
+    from vipe_ray.cli import main
+    from vipe_ray.mocap.skeleton import SKELETONS_DIR
+
+    renames = {"rShin": "rKnee", "lShin": "lKnee"}
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "12_01.bvh").write_text(_renamed((FLAVOURS / "12_01.bvh").read_text(), renames))
+    out = tmp_path / "o.parquet"
+    assert main(["convert", str(raw), str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vipe-ray convert: error: 12_01.bvh:") and "r_knee (rShin)" in err
+    assert "rKnee" in err and "--skeleton" in err and not out.exists()
+    mine = tmp_path / "my-daz.yaml"
+    mine.write_text(_renamed((SKELETONS_DIR / "cgspeed-daz.yaml").read_text(), renames)
+                    .replace("name: cgspeed-daz", "name: my-daz"))
+    shutil.copy(FLAVOURS / "08_01.bvh", raw / "08_01.bvh")  # a file the user's map does not fit
+    assert main(["convert", str(raw), str(out), "--skeleton", str(mine)]) == 0
+    assert meta_of(pq.read_table(out))["skeletons"] == {"08_01.bvh": "cgspeed-motionbuilder", "12_01.bvh": "my-daz"}
+    (raw / "08_01.bvh").unlink()
+    assert main(["convert", str(raw), str(out), "--skeleton", str(mine)]) == 0
+    expected = tmp_path / "expected.parquet"
+    convert_directory(FLAVOURS, expected, progress=None)
+    daz = pq.read_table(expected).filter(pa.array(np.asarray(pq.read_table(expected).column("clip").to_pylist()) == "12_01"))
+    np.testing.assert_array_equal(joints(pq.read_table(out)), joints(daz))
+    assert meta_of(pq.read_table(out))["skeletons"] == {"12_01.bvh": "my-daz"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    assert main(["convert", str(raw), str(out), "--skeleton", str(bad)]) == 2
+    assert f"{bad}: missing key 'metres_per_unit'" in capsys.readouterr().err
+
+
+def test_a_script_without_a_main_guard_converts_in_parallel(tmp_path):
+    """Worker processes must not re-run the calling script (as spawn/forkserver children do)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "convert_it.py"
+    script.write_text(
+        "from vipe_ray.mocap.convert import convert_directory\n"
+        f"s = convert_directory({str(FIXTURES)!r}, {str(tmp_path / 'o.parquet')!r}, progress=None, workers=2)\n"
+        "print('clips', s['clips'])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "clips 2"
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 53
+
+
+def test_folder_names_nesting_and_output_checks(tmp_path, monkeypatch):
+    raw = tmp_path / "take-folder"
+    shutil.copytree(FIXTURES, raw)
+    (raw / "subjects" / "08").mkdir()  # BVH files may sit in a subject folder without an ASF
+    shutil.copy(FLAVOURS / "08_01.bvh", raw / "subjects" / "08" / "08_01.bvh")
+    monkeypatch.chdir(raw)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(FLAVOURS / "12_01.bvh", other / "12_01.bvh")
+    out = tmp_path / "o.parquet"
+    summary = convert_directory([".", str(other)], out, progress=None)
+    assert summary["clips"] == 4
+    assert sorted(meta_of(pq.read_table(out))["sources"]) == [
+        "other/12_01.bvh", "take-folder/bvh/01_01.bvh", "take-folder/subjects/02/02.asf",
+        "take-folder/subjects/02/02_03.amc", "take-folder/subjects/08/08_01.bvh"]
+    with pytest.raises(ValueError, match="lies inside"):
+        convert_directory([raw, raw / "subjects"], tmp_path / "n.parquet", progress=None)
+    with pytest.raises(ValueError, match="is a directory"):
+        convert_directory(raw, other, progress=None)
+    assert not (tmp_path / "n.parquet").exists() and sorted(p.name for p in other.iterdir()) == ["12_01.bvh"]

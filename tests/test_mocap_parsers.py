@@ -12,8 +12,8 @@ from vipe_ray.mocap import (
     H36M17_JOINTS,
     MocapFormatError,
     asf_amc_h36m17,
+    builtin_map,
     bvh_forward_kinematics,
-    cgspeed_h36m17,
     cmu_to_zup,
     forward_kinematics,
     parse_amc,
@@ -22,7 +22,6 @@ from vipe_ray.mocap import (
     parse_asf_text,
     parse_bvh,
 )
-from vipe_ray.mocap.convert import CGSPEED_BVH_METRES_PER_UNIT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cmu-mini"
 ASF = FIXTURES / "subjects" / "02" / "02.asf"
@@ -351,7 +350,8 @@ def test_bvh_fixture(bvh):
 
 
 def test_bvh_bone_lengths_consistent(bvh):
-    j = cmu_to_zup(cgspeed_h36m17(bvh_forward_kinematics(bvh, slice(1, None))) * CGSPEED_BVH_METRES_PER_UNIT)
+    mb = builtin_map("cgspeed-motionbuilder")  # as convert maps it (none of these segments spans the thorax)
+    j = mb.apply(bvh_forward_kinematics(mb.prepare(bvh), slice(1, None)))
     # README (cgspeed 01_01): thighs 0.404/0.420, shins 0.423/0.424, pelvis-hip 0.136/0.134,
     # upper arms 0.281/0.296, forearms 0.197/0.194
     for a, b, expected in [
@@ -365,7 +365,7 @@ def test_bvh_bone_lengths_consistent(bvh):
         assert length.std() < 1e-9 and length.mean() == pytest.approx(expected, abs=0.002), (a, b)
     # each rigid segment equals its OFFSET length (spine chain included)
     for child, h36m in [("LeftLeg", ("l_hip", "l_knee")), ("Spine1", ("spine", None))]:
-        off = np.linalg.norm(bvh.joint(child).offset) * CGSPEED_BVH_METRES_PER_UNIT
+        off = np.linalg.norm(bvh.joint(child).offset) * mb.metres_per_unit
         if h36m[1] is not None:
             assert seg(j, *h36m).mean() == pytest.approx(off, abs=1e-9)
     assert 0.9 < np.median(j[:, J["pelvis"], 2]) < 1.1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +12,6 @@ from .errors import MocapFormatError, finite_float
 from .kinematics import axis_rotation
 
 _CHANNELS = ("Xposition", "Yposition", "Zposition", "Xrotation", "Yrotation", "Zrotation")
-
-#: cgspeed H3.6M-17 mapping: the BVH joint whose position gives each joint (VideoPose3D
-#: order). "Head_End" is the Head joint's End Site.
-CGSPEED_H36M17_JOINTS: tuple[str, ...] = (
-    "Hips", "RightUpLeg", "RightLeg", "RightFoot", "LeftUpLeg", "LeftLeg", "LeftFoot",
-    "Spine1", "Neck1", "Head", "Head_End",
-    "LeftArm", "LeftForeArm", "LeftHand", "RightArm", "RightForeArm", "RightHand",
-)
 
 
 @dataclass(frozen=True)
@@ -245,9 +237,8 @@ def bvh_forward_kinematics(bvh: Bvh, frames: np.ndarray | slice | None = None) -
     return P
 
 
-def cgspeed_h36m17(positions: dict[str, np.ndarray]) -> np.ndarray:
-    """(F, 17, 3) H3.6M-17 joints from :func:`bvh_forward_kinematics` of a cgspeed CMU BVH."""
-    missing = [n for n in CGSPEED_H36M17_JOINTS if n not in positions]
-    if missing:
-        raise KeyError(f"BVH lacks the cgspeed joints {missing}")
-    return np.stack([positions[n] for n in CGSPEED_H36M17_JOINTS], axis=1)
+
+def rest_positions(bvh: Bvh) -> dict[str, np.ndarray]:
+    """Rest-pose position of every joint and End Site (all channels 0), ``{joint: (3,)}`` in file units."""
+    zero = replace(bvh, motion=np.zeros((1, bvh.n_channels)))
+    return {name: p[0] for name, p in bvh_forward_kinematics(zero).items()}

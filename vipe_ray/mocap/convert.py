@@ -1,68 +1,38 @@
-"""Convert a raw CMU motion-capture directory (ASF/AMC + BVH) into the project's Parquet table.
+"""Convert raw motion-capture collections (CMU ASF/AMC, BVH of any skeleton) into the pose table.
 
-Table contract (rows sorted by subject, clip, frame):
+A collection is one or more folders holding ``subjects/<SS>/<SS>.asf`` with ``<SS>_<TT>.amc``
+motions (CMU's layout) and/or ``*.bvh`` files anywhere below. Every file is one *take*
+(subject, clip); takes are converted in parallel, one process per core, and written as one
+table (:mod:`vipe_ray.mocap.table`) whose rows do not depend on the number of processes.
 
-- ``subject`` (string), ``clip`` (string, the file stem), ``frame`` (int32, 0-based index of
-  the frame in its source file: AMC frame number - 1; BVH motion-line index, whose T-pose
-  frame 0 is dropped),
-- ``joints3d``: fixed-size list of 17 fixed-size lists of 3 float32, metres, Human3.6M-17
-  joints in VideoPose3D order, right-handed z-up world (X = x_cmu, Y = -z_cmu, Z = y_cmu).
-
-Schema metadata key ``b"vipe_ray"`` holds a JSON description (see :func:`table_metadata`).
+A broken file stops the run and nothing is written, unless ``skip_invalid``: then it is
+reported as ``file:line: what``, left out, and listed in the summary and the table metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import multiprocessing
 import os
-import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .amc import parse_amc_text
-from .asf import INCH_M, decode_bytes, parse_asf_text
-from .bvh import cgspeed_h36m17, bvh_forward_kinematics, parse_bvh_text
+from .asf import Skeleton, decode_bytes, parse_asf_text
+from .bvh import parse_bvh_text, bvh_forward_kinematics
 from .errors import MocapFormatError
-from .kinematics import H36M17_JOINTS, asf_amc_h36m17, cmu_to_zup
+from .kinematics import asf_amc_h36m17
+from .skeleton import SkeletonMap, SkeletonMapError, detect_skeleton_map
+from .table import SOURCE_FPS, Clip, clips_to_table, table_metadata, write_table_atomic
 
-FORMAT_VERSION = 1
-SOURCE_FPS = 120
-METADATA_KEY = b"vipe_ray"
-AXES = "right-handed, z up; X = x_cmu, Y = -z_cmu, Z = y_cmu"
-#: cgspeed BVH files keep CMU length units (ASF ``length 0.45``): metres = value / 0.45 * 0.0254.
-CGSPEED_BVH_METRES_PER_UNIT = (1.0 / 0.45) * INCH_M
-
-JOINTS3D_TYPE = pa.list_(pa.list_(pa.float32(), 3), 17)
-#: Deterministic writer options: zstd; dictionary-encode only the id columns; byte-stream-split
-#: the coordinates (about 25% smaller than plain zstd for float32 data).
-PARQUET_OPTIONS = dict(
-    compression="zstd",
-    use_dictionary=["subject", "clip"],
-    use_byte_stream_split=["joints3d.list.element.list.element"],
-)
-SCHEMA = pa.schema(
-    [
-        pa.field("subject", pa.string()),
-        pa.field("clip", pa.string()),
-        pa.field("frame", pa.int32()),
-        pa.field("joints3d", JOINTS3D_TYPE),
-    ]
-)
-
-
-@dataclass
-class Clip:
-    subject: str
-    clip: str
-    frames: np.ndarray  # (N,) int32, 0-based source frame indices
-    joints3d: np.ndarray  # (N, 17, 3) float32
+PREFER = ("amc", "bvh")
 
 
 def frame_step(fps: int) -> int:
@@ -72,20 +42,13 @@ def frame_step(fps: int) -> int:
     return SOURCE_FPS // int(fps)
 
 
-def _read(path: Path, raw_dir: Path, sources: dict[str, str]) -> tuple[str, str]:
-    """Read a raw file, record its sha256 under its POSIX path relative to raw_dir."""
-    rel = path.relative_to(raw_dir).as_posix()
-    data = path.read_bytes()
-    sources[rel] = hashlib.sha256(data).hexdigest()
-    return decode_bytes(data), rel
-
-
 def _subsample(n_frames: int, step: int, first: int = 0) -> np.ndarray:
     idx = np.arange(n_frames, dtype=np.int64)
     return idx[(idx % step == 0) & (idx >= first)]
 
 
-def convert_amc_clip(skeleton, amc_text: str, amc_rel: str, subject: str, step: int) -> Clip:
+def convert_amc_clip(skeleton: Skeleton, amc_text: str, amc_rel: str, subject: str, step: int) -> Clip:
+    """One AMC take on its subject's skeleton, every ``step``-th frame."""
     motion = parse_amc_text(amc_text, skeleton, amc_rel)
     j = asf_amc_h36m17(skeleton, motion)  # (F, 17, 3) float64
     frames = motion.frame_numbers - 1
@@ -93,132 +56,266 @@ def convert_amc_clip(skeleton, amc_text: str, amc_rel: str, subject: str, step: 
     return Clip(subject, Path(amc_rel).stem, frames[keep].astype(np.int32), j[keep].astype(np.float32))
 
 
-def convert_bvh_clip(bvh_text: str, bvh_rel: str, step: int) -> Clip:
+def bvh_skeleton_map(joint_names: Sequence[str], bvh_rel: str, line: int,
+                     skeleton: SkeletonMap | None = None) -> SkeletonMap:
+    """The map for a BVH: ``skeleton`` where it fits, else the built-in map that fits."""
+    if skeleton is not None and not skeleton.missing(joint_names):
+        return skeleton
+    try:
+        return detect_skeleton_map(joint_names, bvh_rel)
+    except SkeletonMapError as exc:
+        detail = str(exc).removeprefix(f"{bvh_rel}: ")
+        if skeleton is not None:
+            detail = (f"the skeleton map {skeleton.name!r} ({skeleton.source}) lacks "
+                      f"{', '.join(skeleton.missing(joint_names))}, and {detail}")
+        raise MocapFormatError(bvh_rel, line, detail) from None
+
+
+def convert_bvh_clip(bvh_text: str, bvh_rel: str, step: int,
+                     skeleton: SkeletonMap | None = None) -> tuple[Clip, SkeletonMap]:
+    """One BVH take, every ``step``-th frame, mapped by ``skeleton`` (default: detected)."""
     bvh = parse_bvh_text(bvh_text, bvh_rel)
     if abs(1.0 / bvh.frame_time - SOURCE_FPS) > 0.01:
         raise MocapFormatError(
             bvh_rel, bvh.frame_time_line, f"Frame Time {bvh.frame_time!r} is not 1/{SOURCE_FPS} s"
         )
+    smap = bvh_skeleton_map([j.name for j in bvh.joints], bvh_rel, bvh.joints[0].line, skeleton)
     stem = Path(bvh_rel).stem
-    keep = _subsample(bvh.n_frames, step, first=1)  # frame 0 is the converter's T-pose
+    # cgspeed's converters prepend a T-pose that is not part of the take.
+    keep = _subsample(bvh.n_frames, step, first=1 if smap.tpose_frame else 0)
+    j = smap.apply(bvh_forward_kinematics(smap.prepare(bvh), keep))
+    return Clip(stem.split("_")[0], stem, keep.astype(np.int32), j.astype(np.float32)), smap
+
+
+@dataclass(frozen=True)
+class Take:
+    """One file to convert: ``path`` on disk, ``rel`` its name in reports and metadata."""
+
+    kind: str  # "amc" or "bvh"
+    path: Path
+    rel: str
+    subject: str
+    clip: str
+    skeleton: Skeleton | None = None  # the subject's ASF skeleton, for AMC takes
+
+
+@dataclass(frozen=True)
+class TakeResult:
+    rel: str
+    sha256: str
+    clip: Clip | None = None
+    skeleton_map: str | None = None
+    error: MocapFormatError | None = None
+
+
+def convert_take(take: Take, step: int, skeleton: SkeletonMap | None = None) -> TakeResult:
+    """Convert one take; a malformed file comes back as ``error`` (runs in a worker process)."""
+    data = take.path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    text = decode_bytes(data)
     try:
-        j = cgspeed_h36m17(bvh_forward_kinematics(bvh, keep))
-    except KeyError as e:
-        raise MocapFormatError(bvh_rel, 1, f"not a cgspeed CMU BVH: {e.args[0]}") from None
-    j = cmu_to_zup(j * CGSPEED_BVH_METRES_PER_UNIT)
-    return Clip(stem.split("_")[0], stem, keep.astype(np.int32), j.astype(np.float32))
+        if take.kind == "amc":
+            return TakeResult(take.rel, sha, convert_amc_clip(take.skeleton, text, take.rel, take.subject, step))
+        clip, smap = convert_bvh_clip(text, take.rel, step, skeleton)
+        return TakeResult(take.rel, sha, clip, skeleton_map=smap.name)
+    except MocapFormatError as exc:
+        return TakeResult(take.rel, sha, error=exc)
 
 
-def table_metadata(fps: int, sources: dict[str, str]) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "joints": list(H36M17_JOINTS),
-        "fps": int(fps),
-        "source_fps": SOURCE_FPS,
-        "units": "metres",
-        "axes": AXES,
-        "sources": dict(sorted(sources.items())),
-    }
+def _left_out(rel: str, line: int, reason: str) -> dict:
+    return {"file": rel, "line": int(line), "reason": reason}
 
 
-def clips_to_table(clips: list[Clip], metadata: dict) -> pa.Table:
-    clips = sorted(clips, key=lambda c: (c.subject, c.clip))
-    n = sum(len(c.frames) for c in clips)
-    subject = pa.array([c.subject for c in clips for _ in range(len(c.frames))], pa.string())
-    clip = pa.array([c.clip for c in clips for _ in range(len(c.frames))], pa.string())
-    if clips:
-        frame = np.concatenate([c.frames for c in clips]).astype(np.int32)
-        j = np.concatenate([c.joints3d for c in clips]).astype(np.float32)
-    else:
-        frame = np.zeros(0, np.int32)
-        j = np.zeros((0, 17, 3), np.float32)
-    flat = pa.array(np.ascontiguousarray(j).reshape(-1), pa.float32())
-    inner = pa.FixedSizeListArray.from_arrays(flat, 3)
-    joints = pa.FixedSizeListArray.from_arrays(inner, 17)
-    assert len(joints) == n
-    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")}
-    return pa.Table.from_arrays(
-        [subject, clip, pa.array(frame, pa.int32()), joints], schema=SCHEMA.with_metadata(meta)
-    )
+def _find_takes(raw_dirs: list[Path], skip_invalid: bool, sources: dict[str, str],
+                left_out: list[dict], say: Callable[[str], None]) -> list[Take]:
+    """Every take of the collection, ASF skeletons parsed (a broken ASF leaves out its subject)."""
+    takes: list[Take] = []
+    prefixed = len(raw_dirs) > 1
+    for raw_dir in raw_dirs:
+        def rel_of(p: Path) -> str:
+            rel = p.relative_to(raw_dir).as_posix()
+            return f"{raw_dir.name}/{rel}" if prefixed else rel
+
+        subjects_dir = raw_dir / "subjects"
+        subject_dirs = sorted(p for p in subjects_dir.iterdir() if p.is_dir()) if subjects_dir.is_dir() else []
+        bvh_files = sorted(p for p in raw_dir.rglob("*.bvh") if p.is_file())
+        if not subject_dirs and not bvh_files:
+            raise ValueError(f"{raw_dir} has no subjects/<SS>/ directories and no .bvh files")
+        for sdir in subject_dirs:
+            ss = sdir.name
+            asf_path = sdir / f"{ss}.asf"
+            amcs = sorted(sdir.glob(f"{ss}_*.amc"))
+            if not amcs and not asf_path.is_file():
+                continue  # no ASF/AMC subject here (BVH files below it are found on their own)
+            try:
+                if not asf_path.is_file():
+                    raise MocapFormatError(rel_of(asf_path), 0, f"missing skeleton file for subject {ss!r}")
+                data = asf_path.read_bytes()
+                skeleton = parse_asf_text(decode_bytes(data), rel_of(asf_path))
+                sources[rel_of(asf_path)] = hashlib.sha256(data).hexdigest()
+            except MocapFormatError as exc:
+                if not skip_invalid:
+                    raise
+                say(f"left out: {exc} (and the {len(amcs)} motions of subject {ss})")
+                left_out.append(_left_out(exc.path, exc.line, exc.detail))
+                left_out.extend(_left_out(rel_of(p), 0, f"its skeleton {exc.path} is invalid") for p in amcs)
+                continue
+            takes.extend(Take("amc", p, rel_of(p), ss, p.stem, skeleton) for p in amcs)
+        takes.extend(Take("bvh", p, rel_of(p), p.stem.split("_")[0], p.stem) for p in bvh_files)
+    return takes
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _resolve_duplicates(takes: list[Take], prefer: str | None, left_out: list[dict],
+                        say: Callable[[str], None]) -> list[Take]:
+    """One file per (subject, clip); the same take in both formats needs ``prefer``."""
+    by_key: dict[tuple[str, str], list[Take]] = {}
+    for t in takes:
+        by_key.setdefault((t.subject, t.clip), []).append(t)
+    keep: list[Take] = []
+    for (subject, clip), group in sorted(by_key.items()):
+        if len(group) == 1:
+            keep.append(group[0])
+            continue
+        files = [t.rel for t in group]
+        kinds = {t.kind for t in group}
+        if prefer is None or len(kinds) == 1 or len(group) > 2:
+            one_each = len(kinds) == 2 and len(group) == 2
+            hint = " (pass --prefer amc or --prefer bvh to keep one format)" if one_each else ""
+            raise ValueError(f"take {clip} of subject {subject} comes from several files: {files}{hint}")
+        chosen = next(t for t in group if t.kind == prefer)
+        keep.append(chosen)
+        for t in group:
+            if t is not chosen:
+                say(f"left out: {t.rel}: the same take as {chosen.rel} (--prefer {prefer})")
+                left_out.append(_left_out(t.rel, 0, f"the same take as {chosen.rel} (prefer {prefer})"))
+    return keep
 
 
-def write_table_atomic(table: pa.Table, out_path: str | Path) -> None:
-    """Write ``table`` (zstd) via a temp file in the target directory, then os.replace."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+def default_workers() -> int:
+    """The cores this process may use."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, **PARQUET_OPTIONS)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork where it is safe: fast, and a script without a ``__main__`` guard can call the converter; but
+    forkserver while this process runs other threads (Ray, a server), whose locks a fork could copy held."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver")
+
+
+def _run_takes(takes: list[Take], step: int, skeleton: SkeletonMap | None, workers: int,
+               stop_on_error: bool, on_result: Callable[[TakeResult], None]) -> None:
+    """Convert ``takes`` with ``workers`` processes (in-process for 1), calling ``on_result`` as
+    each finishes; with ``stop_on_error`` the first failure cancels the takes not yet started."""
+    if workers <= 1 or len(takes) <= 1:
+        for t in takes:
+            r = convert_take(t, step, skeleton)
+            on_result(r)
+            if stop_on_error and r.error is not None:
+                return
+        return
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(takes)), mp_context=_pool_context())
+    try:
+        # Largest files first, so that one long take does not finish alone at the end.
+        order = sorted(takes, key=lambda t: -t.path.stat().st_size)
+        pending: set[Future] = {pool.submit(convert_take, t, step, skeleton) for t in order}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            try:
+                results = [f.result() for f in done]
+            except BrokenProcessPool:
+                raise RuntimeError("a conversion process died (out of memory?); nothing was written. Rerun with "
+                                   "fewer processes (--workers)") from None
+            for r in results:
+                on_result(r)
+            if stop_on_error and any(r.error is not None for r in results):
+                return
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert_directory(
-    raw_dir: str | Path,
+    raw_dir: str | Path | Sequence[str | Path],
     out_path: str | Path,
     fps: int = 30,
     progress: Callable[[str], None] | None = print,
+    *,
+    skip_invalid: bool = False,
+    skeleton: SkeletonMap | None = None,
+    prefer: str | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """Convert ``raw_dir`` (``subjects/<SS>/<SS>.asf`` + ``<SS>_*.amc``, ``**/*.bvh``) to Parquet.
+    """Convert one collection folder (or several) to the pose table at ``out_path``.
 
-    Returns a summary: rows, clips, subjects (counts), rows_per_subject, seconds, bytes, path.
-    Raises ValueError for a bad ``fps``, :class:`MocapFormatError` for malformed raw files,
-    FileNotFoundError/ValueError for a missing or empty ``raw_dir``. On any error nothing is
-    written to ``out_path`` (an existing file there is left untouched).
+    ``skeleton`` maps every BVH (default: the built-in map each file fits); ``prefer`` keeps
+    the AMC or the BVH of a take found in both; ``workers`` processes (default: every core).
+    Returns a summary: rows, clips, subjects (counts), rows_per_subject, left_out, seconds,
+    bytes, path. Raises ValueError for a bad argument, :class:`MocapFormatError` for a malformed
+    raw file (unless ``skip_invalid``), FileNotFoundError for a missing folder. On any error
+    nothing is written to ``out_path`` (an existing file there is left untouched).
     """
     t0 = time.perf_counter()
     step = frame_step(fps)
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise FileNotFoundError(f"raw mocap directory not found: {raw_dir}")
+    if prefer is not None and prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    raw_dirs = [Path(raw_dir)] if isinstance(raw_dir, (str, Path)) else [Path(d) for d in raw_dir]
+    if not raw_dirs:
+        raise ValueError("no raw mocap directory given")
+    for d in raw_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"raw mocap directory not found: {d}")
+    if Path(out_path).is_dir():
+        raise ValueError(f"output {out_path} is a directory; name the .parquet file to write")
+    # Absolute paths: `.` or `x/..` have no usable name of their own.
+    raw_dirs = [d.resolve() for d in raw_dirs]
+    names = [d.name for d in raw_dirs]
+    if len(raw_dirs) > 1 and len(set(names)) != len(names):
+        raise ValueError(f"raw mocap directories must have distinct names, got {[str(d) for d in raw_dirs]}")
+    nested = [(a, b) for a in raw_dirs for b in raw_dirs if a != b and b.is_relative_to(a)]
+    if nested:
+        raise ValueError(f"raw mocap directory {nested[0][1]} lies inside {nested[0][0]}: give each folder once")
     say = progress or (lambda _msg: None)
-    subjects_dir = raw_dir / "subjects"
-    subject_dirs = sorted(p for p in subjects_dir.iterdir() if p.is_dir()) if subjects_dir.is_dir() else []
-    bvh_files = sorted(p for p in raw_dir.rglob("*.bvh") if p.is_file())
-    if not subject_dirs and not bvh_files:
-        raise ValueError(f"{raw_dir} has no subjects/<SS>/ directories and no .bvh files")
 
     sources: dict[str, str] = {}
+    left_out: list[dict] = []
+    takes = _find_takes(raw_dirs, skip_invalid, sources, left_out, say)
+    takes = _resolve_duplicates(takes, prefer, left_out, say)
+    say(f"converting {len(takes)} takes with {min(workers, max(len(takes), 1))} process(es)")
+
     clips: list[Clip] = []
-    for sdir in subject_dirs:
-        ss = sdir.name
-        asf_path = sdir / f"{ss}.asf"
-        if not asf_path.is_file():
-            raise MocapFormatError(asf_path.relative_to(raw_dir).as_posix(), 0, f"missing skeleton file for subject {ss!r}")
-        text, rel = _read(asf_path, raw_dir, sources)
-        skeleton = parse_asf_text(text, rel)
-        for amc_path in sorted(sdir.glob(f"{ss}_*.amc")):
-            text, rel = _read(amc_path, raw_dir, sources)
-            c = convert_amc_clip(skeleton, text, rel, ss, step)
-            clips.append(c)
-            say(f"{rel}: {len(c.frames)} rows")
-    for bvh_path in bvh_files:
-        text, rel = _read(bvh_path, raw_dir, sources)
-        c = convert_bvh_clip(text, rel, step)
-        clips.append(c)
-        say(f"{rel}: {len(c.frames)} rows")
+    skeletons: dict[str, str] = {}
+    errors: dict[str, MocapFormatError] = {}
+    done = 0
 
-    keys = [(c.subject, c.clip) for c in clips]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise ValueError(f"duplicate (subject, clip) from different files: {dupes}")
+    def on_result(r: TakeResult) -> None:
+        nonlocal done
+        done += 1
+        if r.error is not None:
+            errors[r.rel] = r.error
+            if skip_invalid:
+                say(f"[{done}/{len(takes)}] left out: {r.error}")
+                left_out.append(_left_out(r.error.path, r.error.line, r.error.detail))
+            return
+        sources[r.rel] = r.sha256
+        clips.append(r.clip)
+        if r.skeleton_map is not None:
+            skeletons[r.rel] = r.skeleton_map
+        say(f"[{done}/{len(takes)}] {r.rel}: {len(r.clip.frames)} rows")
 
-    table = clips_to_table(clips, table_metadata(fps, sources))
+    _run_takes(takes, step, skeleton, workers, not skip_invalid, on_result)
+    if errors and not skip_invalid:
+        raise errors[min(errors)]  # of the broken files found before the run stopped, the first by name
+    if not clips:
+        raise ValueError(f"no valid take in {[str(d) for d in raw_dirs]}: all {len(left_out)} files were left out")
+
+    table = clips_to_table(clips, table_metadata(fps, sources, left_out, skeletons))
     write_table_atomic(table, out_path)
     rows_per_subject: dict[str, int] = {}
     for c in sorted(clips, key=lambda c: (c.subject, c.clip)):
@@ -228,10 +325,12 @@ def convert_directory(
         "clips": len(clips),
         "subjects": len(rows_per_subject),
         "rows_per_subject": rows_per_subject,
+        "left_out": sorted(left_out, key=lambda d: d["file"]),
         "seconds": round(time.perf_counter() - t0, 3),
         "bytes": Path(out_path).stat().st_size,
         "path": str(out_path),
     }
     say(f"wrote {summary['rows']} rows, {summary['clips']} clips, {summary['subjects']} subjects "
-        f"to {out_path} ({summary['bytes']} bytes) in {summary['seconds']} s")
+        f"to {out_path} ({summary['bytes']} bytes) in {summary['seconds']} s"
+        + (f"; left out {len(left_out)} files" if left_out else ""))
     return summary

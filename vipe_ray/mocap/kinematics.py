@@ -100,6 +100,15 @@ def forward_kinematics(skeleton: Skeleton, motion: Motion) -> dict[str, np.ndarr
     return pos
 
 
+def rest_bone_ends(skeleton: Skeleton) -> dict[str, np.ndarray]:
+    """Rest-pose END of every ASF bone, ``{bone: (3,)}`` in ASF length units and CMU axes (root at 0)."""
+    ends = {"root": np.zeros(3)}
+    for name in skeleton.topological_order():
+        bone = skeleton.bones[name]
+        ends[name] = ends[skeleton.parent[name]] + np.asarray(bone.direction) * bone.length
+    return ends
+
+
 def h36m17_from_asf(positions: dict[str, np.ndarray]) -> np.ndarray:
     """(F, 17, 3) Human3.6M-17 joints (VideoPose3D order) from :func:`forward_kinematics`."""
     return np.stack([positions[b] for b in ASF_H36M17_BONES], axis=1)
