@@ -21,9 +21,10 @@ def table():
 
 
 def test_bundled_table(table):
-    assert len(table) == 26877 and table.fps == 30
-    assert table.joints.shape == (26877, 17, 3) and table.joints.dtype == np.float32
-    assert table.subjects == ["01", "02", "05", "06", "09", "10", "105", "13", "16", "49", "93"]
+    assert len(table) == 65467 and table.fps == 30
+    assert table.joints.shape == (65467, 17, 3) and table.joints.dtype == np.float32
+    assert table.subjects == ["01", "02", "03", "05", "06", "07", "08", "09", "10", "105", "11", "12", "13", "131",
+                              "16", "17", "29", "35", "49", "93"]
     assert (table.frame % 4 == 0).all(), "30 fps keeps every 4th frame of the 120 Hz source"
 
 

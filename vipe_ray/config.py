@@ -32,9 +32,10 @@ class DataConfig:
     """Where the poses come from and how subjects are split (never by frame)."""
 
     table: str = "data/cmu_h36m17_30fps.parquet"
-    train_subjects: tuple[str, ...] = ("01", "02", "05", "16", "49", "93", "105")
-    val_subjects: tuple[str, ...] = ("09", "10")
-    test_subjects: tuple[str, ...] = ("06", "13")
+    train_subjects: tuple[str, ...] = ("01", "02", "05", "16", "29", "49", "93", "105")
+    val_subjects: tuple[str, ...] = ("06", "09", "10", "13")
+    #: Drawn once from the subjects the 20-subject table added, before any evaluation (reports/data/split.md).
+    test_subjects: tuple[str, ...] = ("03", "07", "08", "11", "12", "17", "35", "131")
     #: Poses a Ray Train worker holds to draw its batches from, streamed from its shard so that its memory
     #: stays flat as the table grows (see :mod:`vipe_ray.ingest`); a shard that fits is read once. 0 = hold
     #: the whole shard. ``vipe-ray train`` (one process) always holds the training subjects.
@@ -248,12 +249,14 @@ class MiningConfig:
     #: Batches of pose pairs: half the poses drawn at random, each paired with a frame of its clip at most
     #: this many table rows away, so that the batch holds near-kappa negatives (0 = every pose drawn at
     #: random, the reference; vipe-ray's extension). Only Pr-VIPE's batches; the lifter draws at random.
-    #: Off by default: 10 and 20 gave no retrieval gain on validation (README, third recipe round).
+    #: Off by default: 10 and 20 gave no retrieval gain on validation
+    #: (reports/recipe/history-11-subjects.md, third round).
     neighbours: int = 0
     #: From this fraction of the run on, mining takes the hardest negative, whatever ``mode`` says (1 = never,
     #: the reference; vipe-ray's extension). Hard mining from the first step collapses the embedding; once it
     #: is organized, the hardest negatives are the retrieval errors that semi-hard mining passes over.
-    #: Off by default: 0.5 and 0.75 lost occluded Hit@1 on validation (README, fourth recipe round).
+    #: Off by default: 0.5 and 0.75 lost occluded Hit@1 on validation
+    #: (reports/recipe/history-11-subjects.md, fourth round).
     hard_from: float = 1.0
 
     def mode_at(self, progress: float) -> str:
