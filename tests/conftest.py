@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Test evaluations of the suite's own tiny runs go to a throwaway ledger, never the checkout's
+# reports/test_ledger.jsonl (Ray workers inherit it: it is set before any ray.init).
+os.environ["VIPE_RAY_TEST_LEDGER"] = os.path.join(tempfile.mkdtemp(prefix="vipe-ray-ledger-"), "test_ledger.jsonl")
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "data" / "cmu_h36m17_30fps.parquet"

@@ -58,7 +58,8 @@ def test_sweep_out_of_time_budget_ends_normally_with_its_best_checkpoint_registe
     import mlflow
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = subprocess.run([sys.executable, "-m", "vipe_ray.sweep", str(_sweep(tmp_path, "time_budget_s: 100\n")),
+    sweep = _sweep(tmp_path, "time_budget_s: 100\ntest_best: true\n")  # the best trial is also tested
+    out = subprocess.run([sys.executable, "-m", "vipe_ray.sweep", str(sweep),
                           "--tracking-uri", tracking, "--storage", str(tmp_path / "results")],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=560)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -1,9 +1,10 @@
 """``vipe-ray`` command line: convert motion capture, train, evaluate.
 
-    vipe-ray convert RAW_DIR OUT.parquet [--fps 30]
+    vipe-ray convert RAW_DIR [RAW_DIR ...] OUT.parquet [--fps 30] [--skip-invalid] [--skeleton MAP.yaml]
+                     [--prefer amc|bvh] [--workers N]
     vipe-ray train [--config CONFIG.yaml] [--out DIR] [--resume] [--set key.path=value ...]
-    vipe-ray evaluate --checkpoint DIR [--data TABLE.parquet] [--subjects 06 13] [--rig h36m --rig my_rig.yaml]
-                      [--no-occlusion] [--json OUT.json]
+    vipe-ray evaluate --checkpoint DIR [--split validation|test] [--data TABLE.parquet] [--subjects 06 13]
+                      [--rig h36m --rig my_rig.yaml] [--no-occlusion] [--json OUT.json] [--ledger LEDGER]
 """
 
 from __future__ import annotations
@@ -35,9 +36,20 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from vipe_ray.mocap.convert import convert_directory
+    from vipe_ray.mocap.errors import MocapFormatError
+    from vipe_ray.mocap.skeleton import load_skeleton_map
 
-    summary = convert_directory(args.raw_dir, args.out, fps=args.fps)
-    print(f"wrote {args.out}: {summary}")
+    skeleton = load_skeleton_map(args.skeleton) if args.skeleton else None
+    try:
+        summary = convert_directory(args.raw_dir, args.out, fps=args.fps, skip_invalid=args.skip_invalid,
+                                    skeleton=skeleton, prefer=args.prefer, workers=args.workers)
+    except MocapFormatError as exc:
+        raise MocapFormatError(exc.path, exc.line, f"{exc.detail} (nothing was written; --skip-invalid leaves "
+                                                   "broken files out and converts the rest)") from None
+    for item in summary["left_out"]:
+        print(f"left out {item['file']}:{item['line']}: {item['reason']}")
+    counts = {k: summary[k] for k in ("rows", "clips", "subjects", "seconds", "bytes")}
+    print(f"wrote {args.out}: {counts}, {len(summary['left_out'])} files left out")
     return 0
 
 
@@ -51,9 +63,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluation_split(args: argparse.Namespace, config, own_table: bool, table_subjects: list[str]):
+    """(split, subjects, rigs or None for the config's) of an evaluate command.
+
+    ``--split validation`` (the default on the config's own table) scores the validation subjects on the
+    validation rigs; ``--split test`` the test subjects on the evaluation rigs, and test subjects are scored
+    only with it (the command records them in the test ledger), from the config's table or another one
+    (``--data``). Without ``--split``, another table scores all of its subjects, or ``--subjects``, on the
+    evaluation rigs: none of them may be a test subject.
+    """
+    data = config.data
+    split = args.split or ("validation" if own_table else "other table")
+    if split == "test":
+        available = [s for s in data.test_subjects if s in table_subjects]
+        subjects = list(args.subjects or available)
+        outside = sorted(set(subjects) - set(data.test_subjects))
+        if outside:
+            raise ConfigError(f"--split test: subjects {outside} are not test subjects (data.test_subjects: "
+                              f"{list(data.test_subjects)})")
+    elif split == "validation":
+        subjects = list(args.subjects or [s for s in data.val_subjects if s in table_subjects])
+    else:
+        subjects = list(args.subjects or table_subjects)
+    if not subjects:
+        raise ConfigError(f"no {split} subjects in the table: pass --subjects or set data.val_subjects / "
+                          "data.test_subjects")
+    tested = sorted(set(subjects) & set(data.test_subjects))
+    if split != "test" and tested:
+        raise ConfigError(f"subjects {tested} are test subjects: evaluate them with --split test, which records "
+                          "the evaluation in the test ledger (reports/test_ledger.jsonl)")
+    return split, subjects, (config.eval.val_rigs if split == "validation" else None)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.data import load_table
     from vipe_ray.evaluate import evaluate_rigs, format_markdown, format_table, write_json
+    from vipe_ray.ledger import count_evaluations, ledger_path, record_test_evaluation
     from vipe_ray.storage import same_location
     from vipe_ray.train import load_checkpoint
 
@@ -67,31 +112,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {lifter_path} not found; the 3D-lifting baseline is left out", file=sys.stderr)
     table = load_table(args.data or config.data.table_path())
     own_table = args.data is None or same_location(args.data, config.data.table_path())
-    # Another table (e.g. newly converted subjects): all of its subjects unless --subjects says otherwise.
-    subjects = args.subjects or (list(config.data.test_subjects) if own_table else table.subjects)
-    if not subjects:
-        raise ConfigError("no evaluation subjects: pass --subjects or set data.test_subjects")
+    split, subjects, split_rigs = evaluation_split(args, config, own_table, table.subjects)
     leaked = sorted(set(subjects) & set(config.data.train_subjects))
     if leaked:
         print(f"warning: subjects {leaked} were trained on; this is not a held-out evaluation", file=sys.stderr)
     table = table.select(subjects)
     overrides: dict = {}
-    if args.rig:
-        overrides["rigs"] = tuple(args.rig)
+    if args.rig or split_rigs:
+        overrides["rigs"] = tuple(args.rig or split_rigs)
     if args.no_occlusion:
         overrides["occlusion"] = False
     try:
         eval_config = replace(config.eval, **overrides)
     except ConfigError as exc:
         raise ConfigError(f"--rig: {exc}") from None
-    print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on subjects {subjects} of {table.path}; "
-          f"rigs {list(eval_config.rigs)}, occlusion {'on' if eval_config.occlusion else 'off'}")
+    ledger = Path(args.ledger) if args.ledger else ledger_path()
+    if split == "test":
+        print(f"test split: {count_evaluations(config, ledger)} earlier test evaluations of this config, "
+              f"{count_evaluations(None, ledger)} in all ({ledger})")
+    print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on the {split} subjects {subjects} of "
+          f"{table.path}; rigs {list(eval_config.rigs)}, occlusion {'on' if eval_config.occlusion else 'off'}")
     result = evaluate_rigs(checkpoint.model, config, table, lifter=lifter, eval_config=eval_config,
                            samples=args.samples)
+    result["split"] = split
     result["checkpoint"] = str(args.checkpoint)
     result["step"] = checkpoint.step
     result["weights"] = "average" if checkpoint.payload.get("ema") is not None and not args.trained_weights else "trained"
     print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
+    if split == "test":
+        command = "vipe-ray " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+        record_test_evaluation(result, config, command, args.checkpoint, checkpoint.step, ledger)
+        print(f"recorded in the test ledger {ledger}")
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -102,10 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vipe-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert CMU ASF/AMC (+ BVH) motion capture to a Parquet pose table")
-    p.add_argument("raw_dir", help="folder with subjects/<SS>/<SS>.asf + <SS>_<TT>.amc and/or *.bvh")
+    p = sub.add_parser("convert", help="convert CMU ASF/AMC and BVH motion capture to a Parquet pose table")
+    p.add_argument("raw_dir", nargs="+", help="folder(s) with subjects/<SS>/<SS>.asf + <SS>_<TT>.amc and/or *.bvh")
     p.add_argument("out", help="output .parquet path (written atomically)")
     p.add_argument("--fps", type=int, default=30, help="output frame rate; must divide 120 (default 30)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="report a broken file (file:line: what), leave it out and convert the rest")
+    p.add_argument("--skeleton", metavar="MAP.yaml",
+                   help="map every BVH's joints to Human3.6M-17 with this file (default: detect the cgspeed "
+                        "flavour; copy one of vipe_ray/mocap/skeletons/*.yaml for another naming)")
+    p.add_argument("--prefer", choices=["amc", "bvh"],
+                   help="a take found both as AMC and as BVH: keep this format (default: an error)")
+    p.add_argument("--workers", type=int, help="conversion processes (default: every core)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train Pr-VIPE (and the 3D-lifting baseline)")
@@ -119,11 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="cross-view retrieval Hit@k vs the 2D-NN and 3D-lifting baselines")
     p.add_argument("--checkpoint", required=True, help="run directory written by `vipe-ray train`")
     p.add_argument("--data", help="pose table (default: the table the model was trained with)")
-    p.add_argument("--subjects", nargs="+", help="subjects to evaluate (default: the config's test subjects)")
+    p.add_argument("--split", choices=["validation", "test"],
+                   help="the config's validation subjects on its validation rigs (the default on its own table), or "
+                        "its test subjects on the evaluation rigs, recorded in reports/test_ledger.jsonl (also "
+                        "with --data); without it, --data scores all of that table's subjects")
+    p.add_argument("--subjects", nargs="+", help="subjects to evaluate, within the split (default: all of the split's)")
+    p.add_argument("--ledger", help="the test ledger to append to (default: reports/test_ledger.jsonl)")
     p.add_argument("--samples", type=int, help="embedding samples per pose for retrieval (default: model.samples)")
     p.add_argument("--rig", action="append", metavar="NAME_OR_YAML",
                    help="a built-in rig (h36m, novel, wide, wide-val) or a rig YAML file (repeatable; default: the "
-                        "config's eval.rigs). YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
+                        "config's eval.val_rigs for validation, eval.rigs otherwise). "
+                        "YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
     p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
     p.add_argument("--trained-weights", action="store_true",
                    help="the trained weights, not the weight average the run kept (optim.ema)")
@@ -135,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the test ledger
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:

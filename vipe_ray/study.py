@@ -215,7 +215,8 @@ def run_study_trial(params: dict, settings: dict) -> None:
         log(f"[study] {variant} seed {seed}: testing step {load_checkpoint(work).step} on subjects "
             f"{list(config.data.test_subjects)}")
         start = time.perf_counter()
-        metrics, full = test_metrics(str(work / "checkpoint.pt"), lifter, with_result=True)
+        metrics, full = test_metrics(str(work / "checkpoint.pt"), lifter, with_result=True,
+                                     command=f"study {study.path}: {variant} seed {seed}")
         log_metrics(client, run_id, metrics)
         client.log_dict(run_id, full, "test_retrieval.json")
         client.set_tag(run_id, "test_seconds", f"{time.perf_counter() - start:.0f}")

@@ -38,6 +38,7 @@ import yaml
 
 from vipe_ray import REPO_ROOT, log
 from vipe_ray.distributed import Scaling
+from vipe_ray.ledger import record_test_evaluation
 from vipe_ray.storage import Location, StorageError, location
 from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, _build, config_from_dict, config_to_dict,
                              flatten, merge)
@@ -113,6 +114,9 @@ class SweepConfig:
     register_model: str | None = None
     #: At most this many validation queries per rig (0: all, every ``eval.val_every`` source frames).
     validation_queries: int = 0
+    #: Also evaluate the best trial on the test subjects (recorded in the test ledger). Off: a search selects
+    #: on validation and leaves the test split to the verdicts that need it (studies, `evaluate --split test`).
+    test_best: bool = False
     #: Fixed first trials ({dotted key: value}); Optuna samples the rest.
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     #: Trials TPE samples at random before it models the objective (0: half the trials, at most 10 --
@@ -134,7 +138,7 @@ class SweepConfig:
 
 _TOP_KEYS = {"name", "base_config", "overrides", "search_space", "objective", "trials", "concurrency", "scheduler",
              "resources", "seed", "time_budget_s", "max_failures", "experiment", "register_model",
-             "validation_queries", "points_to_evaluate", "startup_trials", "cluster_max"}
+             "validation_queries", "points_to_evaluate", "startup_trials", "cluster_max", "test_best"}
 
 
 def _parse_param(key: str, spec: Any, where: str) -> Param:
@@ -899,15 +903,16 @@ def summarize(grid, sweep: SweepConfig, client, parent_id: str, experiment_id: s
         version = mlflow.register_model(best["model_uri"], sweep.registered_model)
         summary["registered_model"] = {"name": version.name, "version": version.version}
         client.set_tag(parent_id, "best_run_id", best["run_id"])
-        test = test_metrics(best["checkpoint"])
-        log_metrics(client, best["run_id"], test)
-        log_metrics(client, parent_id, {f"best_{k}": v for k, v in test.items()})
-        for key in ("test/hit@1", "test/hit@1_1limb"):
-            if key in test:
-                client.set_model_version_tag(version.name, version.version, key.replace("@", "_at_"),
-                                             f"{test[key]:.4f}")
         client.set_model_version_tag(version.name, version.version, "checkpoint_step", str(best.get("step")))
-        summary["test"] = test
+        if sweep.test_best:
+            test = test_metrics(best["checkpoint"], command=f"sweep {sweep.path}: best trial {best['trial_id']}")
+            log_metrics(client, best["run_id"], test)
+            log_metrics(client, parent_id, {f"best_{k}": v for k, v in test.items()})
+            for key in ("test/hit@1", "test/hit@1_1limb"):
+                if key in test:
+                    client.set_model_version_tag(version.name, version.version, key.replace("@", "_at_"),
+                                                 f"{test[key]:.4f}")
+            summary["test"] = test
     client.log_dict(parent_id, summary, "sweep_summary.json")
     client.set_terminated(parent_id, "FINISHED" if best else "FAILED")
     (run_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -933,10 +938,12 @@ def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
         client.log_batch(run_id, metrics=metrics[start:start + per_batch])
 
 
-def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False):
+def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False,
+                 command: str = ""):
     """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
     flattened for MLflow (:func:`vipe_ray.evaluate.flat_metrics`, prefix ``test/``); with ``with_result``,
-    also the full result. ``checkpoint``: a local path or an object-store URI."""
+    also the full result. ``checkpoint``: a local path or an object-store URI. The evaluation is recorded in
+    the test ledger (:mod:`vipe_ray.ledger`) under ``command``."""
     import tempfile
 
     from vipe_ray.data import load_table
@@ -951,6 +958,7 @@ def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_re
             ckpt = load_checkpoint(where.download(directory))
     table = load_table(ckpt.config.data.table_path()).select(ckpt.config.data.test_subjects)
     result = evaluate_rigs(ckpt.model, ckpt.config, table, lifter=lifter, progress=progress)
+    record_test_evaluation(result, ckpt.config, command or f"test_metrics {checkpoint}", checkpoint, ckpt.step)
     metrics = flat_metrics(result, "test/")
     return (metrics, result) if with_result else metrics
 
