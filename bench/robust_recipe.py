@@ -29,7 +29,7 @@ evaluation rigs (``h36m``, ``novel``, ``wide``) nor the test subjects. Candidate
 reuse the lifter of the candidate named in :data:`SHARED_LIFTER` (checked to be the same training). Prints
 Hit@1 clean and under occlusion (single limbs, clean index) per candidate and method, and writes the results
 as JSON beside the runs. Candidates are changes to the shipped default config as it is now: the rows of rounds
-1-4 in the README were measured on the defaults of their time (round 5 added the graded ranking loss; add
+1-4 in reports/recipe/history-11-subjects.md were measured on the defaults of their time (round 5 added the graded ranking loss; add
 ``loss: {ranking_weight: 0}`` to re-run an earlier candidate as it ran; round 6 made it rank from both views;
 rounds 1-8 ran with the reference's backbone dropout, which round 8 removed: add ``model: {dropout: 0.3}``;
 rounds 1-11 ran without limb swapping, which round 12 added: add ``limb_swap: {prob: 0}``).
@@ -72,7 +72,7 @@ CANDIDATES = {
                                    "loss": {"margin": 1.3862943611198906}},
     "symmetric+dim64+share0.3": {"mining": {"symmetric": True}, "model": {"embedding_dim": 64},
                                  "keypoint_dropout": {"instance_prob": 0.3}},
-    # Round 3, from the round-2 default ("default" is whatever default.yaml holds; README's third table):
+    # Round 3, from the round-2 default ("default" is whatever default.yaml holds; the third table of reports/recipe/history-11-subjects.md):
     # batches of neighbour pairs,
     "neighbours10": {"mining": {"neighbours": 10}},
     "neighbours20": {"mining": {"neighbours": 20}},
