@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Integration tests (Ray clusters of several nodes): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -28,6 +28,9 @@ from vipe_ray.distributed import (Scaling, WorkerCallback, WorkerInfo, dataset_t
                                   resumed_payload, start_state, worker_threads)
 from vipe_ray.train import build_model, build_optimizer, load_checkpoint, train_step
 
+# Integration tests (Ray Train): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 #: Two workers on a 2-CPU cluster, leaving room for Ray Data's tasks.
 TWO_WORKERS = Scaling(num_workers=2, cpus_per_worker=0.5)
 #: Per-rank batch generator seeds of the DDP-gradient test.

@@ -23,6 +23,9 @@ from vipe_ray.data import load_table
 from vipe_ray.ingest import (PIECE_ROWS, SCAN_FILTER_MAX_ROW_GROUP, PoseBuffer, StreamedShard, _keep_subjects,
                              largest_row_group, pose_dataset, run_bounds, to_pieces)
 
+# Integration tests (Ray Data on a local Ray): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 TRAIN = ["01", "02", "05", "16", "49", "93", "105"]
 
 

@@ -19,6 +19,9 @@ import pytest
 
 from test_platform import mlflow_server, postgres  # noqa: F401  (fixtures)
 
+# Integration tests (a multi-node Ray cluster): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 SWEEP = """\
 name: multinode
 base_config: vipe_ray/configs/tiny.yaml

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# Integration tests (Ray jobs, an MLflow server on PostgreSQL, Chromium): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
        "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}

@@ -28,6 +28,9 @@ import pytest
 from vipe_ray import storage
 from vipe_ray.data import DataError, file_sha256, load_table, read_metadata
 
+# Integration tests (an S3 server (moto) and Ray sweeps): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "data" / "cmu_h36m17_30fps.parquet"
 BUCKET = "vipe-ray-test"

@@ -15,6 +15,9 @@ import pytest
 from vipe_ray.config import ConfigError
 from vipe_ray.study import load_study
 
+# Integration tests (Ray Tune studies): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 

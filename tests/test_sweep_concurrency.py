@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# Integration tests (Ray Tune sweeps): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 
 SWEEP = """\

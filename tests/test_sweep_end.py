@@ -13,6 +13,9 @@ import pytest
 
 from vipe_ray.sweep import TrialFinisher, load_sweep
 
+# Integration tests (Ray Tune sweeps): `pytest -m "not integration"` is the fast unit suite.
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 
