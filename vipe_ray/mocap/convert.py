@@ -59,15 +59,15 @@ def convert_amc_clip(skeleton: Skeleton, amc_text: str, amc_rel: str, subject: s
 def bvh_skeleton_map(joint_names: Sequence[str], bvh_rel: str, line: int,
                      skeleton: SkeletonMap | None = None) -> SkeletonMap:
     """The map for a BVH: ``skeleton`` where it fits, else the built-in map that fits."""
-    if skeleton is not None and not skeleton.missing(joint_names):
+    missing = skeleton.missing(joint_names) if skeleton is not None else []
+    if skeleton is not None and not missing:
         return skeleton
     try:
         return detect_skeleton_map(joint_names, bvh_rel)
     except SkeletonMapError as exc:
         detail = str(exc).removeprefix(f"{bvh_rel}: ")
         if skeleton is not None:
-            detail = (f"the skeleton map {skeleton.name!r} ({skeleton.source}) lacks "
-                      f"{', '.join(skeleton.missing(joint_names))}, and {detail}")
+            detail = f"the skeleton map {skeleton.name!r} ({skeleton.source}) lacks {', '.join(missing)}, and {detail}"
         raise MocapFormatError(bvh_rel, line, detail) from None
 
 

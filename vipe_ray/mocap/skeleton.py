@@ -96,15 +96,21 @@ class SkeletonMap:
         """H3.6M joints whose BVH joints are not in ``joint_names``, as ``"r_knee (rShin)"``
         (the absent names of that entry, comma-separated), in H36M17 order; [] if the map fits."""
         have = set(joint_names)
+        out = self.missing_joints(have)
+        for joint, donor in self.offsets_from:
+            absent = [n for n in (joint, donor) if n not in have]
+            if absent:
+                out.append(f"offsets_from.{joint} ({', '.join(absent)})")
+        return out
+
+    def missing_joints(self, have: Iterable[str]) -> list[str]:
+        """The part of :meth:`missing` about the 17 joint entries (``offsets_from`` aside)."""
+        have = set(have)
         out = []
         for h36m, entry in zip(H36M17_JOINTS, self.joints):
             absent = [n for n in entry if n not in have]
             if absent:
                 out.append(f"{h36m} ({', '.join(absent)})")
-        for joint, donor in self.offsets_from:
-            absent = [n for n in (joint, donor) if n not in have]
-            if absent:
-                out.append(f"offsets_from.{joint} ({', '.join(absent)})")
         return out
 
     def prepare(self, bvh: Bvh) -> Bvh:
@@ -126,8 +132,7 @@ class SkeletonMap:
         an unprepared Bvh reproduces earlier conversions bit for bit): stack, scale by
         ``metres_per_unit``, then convert y-up to z-up.
         """
-        missing = [f"{h36m} ({', '.join(n for n in e if n not in positions)})"
-                   for h36m, e in zip(H36M17_JOINTS, self.joints) if any(n not in positions for n in e)]
+        missing = self.missing_joints(positions)
         if missing:
             raise SkeletonMapError(
                 f"{self.source}: skeleton map {self.name!r}: the positions lack {', '.join(missing)}"
