@@ -140,8 +140,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["weights"] = "average" if checkpoint.payload.get("ema") is not None and not args.trained_weights else "trained"
     print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
     if split == "test":
-        command = "vipe-ray " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-        record_test_evaluation(result, config, command, args.checkpoint, checkpoint.step, ledger)
+        record_test_evaluation(result, config, "vipe-ray " + " ".join(args.argv), args.checkpoint, checkpoint.step,
+                               ledger)
         print(f"recorded in the test ledger {ledger}")
     if args.json:
         write_json(result, args.json)
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = argv  # the command as given, for the test ledger
+    args.argv = sys.argv[1:] if argv is None else argv  # the command as given, for the test ledger
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:
