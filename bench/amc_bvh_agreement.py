@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's package
 
 from vipe_ray.config import load_config  # noqa: E402
-from vipe_ray.matching import matches, np_mpjpe, procrustes_align  # noqa: E402
+from vipe_ray.prvipe.matching import matches, np_mpjpe, procrustes_align  # noqa: E402
 from vipe_ray.mocap import (  # noqa: E402
     H36M17_JOINTS, builtin_map, bvh_forward_kinematics, cmu_to_zup, forward_kinematics, parse_amc, parse_asf,
     parse_asf_text, parse_bvh, parse_bvh_text,

@@ -4,9 +4,9 @@
 
 Writes a table ``--scale`` times the bundled one to a temporary directory (every clip replicated under a new
 name, joints jittered by 2 mm so that no two rows are equal; deleted at the end), starts one local Ray
-cluster (``num_cpus=2``, no dashboard) and runs :func:`vipe_ray.distributed.fit` on both tables, each with
+cluster (``num_cpus=2``, no dashboard) and runs :func:`vipe_ray.training.ray_train.fit` on both tables, each with
 the streamed buffer (``data.buffer_rows``, the default) and with every worker holding its whole shard
-(``data.buffer_rows: 0``). A :class:`~vipe_ray.distributed.WorkerCallback` records every worker's memory at
+(``data.buffer_rows: 0``). A :class:`~vipe_ray.training.ray_train.WorkerCallback` records every worker's memory at
 its last report, from ``/proc/self/status``:
 
 * ``peak RSS``: the worker process's resident high-water mark (``VmHWM``, as ``getrusage``'s ``ru_maxrss``);
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vipe_ray.config import load_config, merge
-from vipe_ray.distributed import WorkerCallback, WorkerInfo
+from vipe_ray.training.ray_train import WorkerCallback, WorkerInfo
 
 #: The model of bench/ray_train_scaling.py: a step takes tens of ms on one thread.
 BENCH = {
@@ -93,7 +93,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from vipe_ray.distributed import Scaling, fit
+    from vipe_ray.training.ray_train import Scaling, fit
 
     bundled = load_config().data.table_path()
     rows: dict[str, int] = {}

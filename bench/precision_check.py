@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from vipe_ray.cli import _overrides  # noqa: E402
 from vipe_ray.config import load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
-from vipe_ray.train import build_model, build_optimizer, embed, train_step  # noqa: E402
+from vipe_ray.training.loop import build_model, build_optimizer, embed, train_step  # noqa: E402
 
 
 def main() -> None:

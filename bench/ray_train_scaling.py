@@ -2,7 +2,7 @@
 
     python bench/ray_train_scaling.py [--steps 100] [--cpus-per-worker 0.5] [--repeats 1] [--set key=value ...]
 
-Starts one local Ray cluster (``num_cpus=2``, no dashboard) and runs :func:`vipe_ray.distributed.fit` with
+Starts one local Ray cluster (``num_cpus=2``, no dashboard) and runs :func:`vipe_ray.training.ray_train.fit` with
 1 worker, then 2 workers (alternating, ``--repeats`` times each), the same config and per-worker batch
 ("batch per worker": 2 workers train on twice the poses per step). Throughput is the loop's own
 ``samples_per_s`` from its single report at the last step: poses trained by all workers divided by rank 0's
@@ -56,7 +56,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from vipe_ray.distributed import Scaling, fit
+    from vipe_ray.training.ray_train import Scaling, fit
 
     print(f"config: width {config.model.width}, blocks {config.model.blocks}, K {config.model.samples}, "
           f"batch {config.optim.batch_size} per worker, {config.optim.steps} steps, "

@@ -3,7 +3,7 @@
     python bench/sweep_vs_sequential.py [--sweep sweeps/smoke.yaml]
 
 Runs the sweep (Ray Tune + Optuna + Ray Train + MLflow, in a scratch folder), reads back the parameters of
-the trials it ran, then trains exactly those trial configs sequentially with ``vipe_ray.train.train`` (no
+the trials it ran, then trains exactly those trial configs sequentially with ``vipe_ray.training.loop.train`` (no
 Ray, no MLflow, no lifter) and prints both wall times and their ratio, measured in this one run. The sweep's
 time includes what the platform adds (Ray start-up, per-trial Train start-up, validation, MLflow logging);
 the ratio says what concurrency buys back on this machine.
@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vipe_ray.sweep import base_values, load_sweep, run_sweep, trial_config
-from vipe_ray.train import train
+from vipe_ray.training.loop import train
 
 
 def main() -> None:

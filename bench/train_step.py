@@ -39,20 +39,20 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's package, not whichever one is installed
 
-from vipe_ray.cameras import sample_orbits  # noqa: E402
+from vipe_ray.prvipe.cameras import sample_orbits  # noqa: E402
 from vipe_ray.cli import _overrides  # noqa: E402
 from vipe_ray.config import TrainConfig, load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
-from vipe_ray.keypoints import pose_features  # noqa: E402
-from vipe_ray.train import build_model, build_optimizer, train_step  # noqa: E402
-from vipe_ray.tracking import PoseEmbedder  # noqa: E402
-from vipe_ray.views import rendered_view  # noqa: E402
+from vipe_ray.prvipe.keypoints import pose_features  # noqa: E402
+from vipe_ray.training.loop import build_model, build_optimizer, train_step  # noqa: E402
+from vipe_ray.platform.tracking import PoseEmbedder  # noqa: E402
+from vipe_ray.prvipe.views import rendered_view  # noqa: E402
 
 BASELINE = "b4f9a53"  # the last commit before the speed work (issue 8)
 
 
 def import_revision(rev: str, into: Path) -> ModuleType:
-    """``vipe_ray.train`` of git revision ``rev``, imported beside the current package (which stays imported)."""
+    """``vipe_ray.training.loop`` of git revision ``rev``, imported beside the current package (which stays imported)."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "vipe_ray"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
@@ -61,7 +61,7 @@ def import_revision(rev: str, into: Path) -> ModuleType:
         del sys.modules[k]
     sys.path.insert(0, str(into))
     try:
-        import vipe_ray.train as old_train  # noqa: PLC0415 -- the revision's package, under the same name
+        import vipe_ray.training.loop as old_train  # noqa: PLC0415 -- the revision's package, under the same name
     finally:
         sys.path.remove(str(into))
         for k in [k for k in sys.modules if k == "vipe_ray" or k.startswith("vipe_ray.")]:

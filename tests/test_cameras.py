@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.cameras: orbit extrinsics, projection, rigs, the augmentation sampler."""
+"""Tests for vipe_ray.prvipe.cameras: orbit extrinsics, projection, rigs, the augmentation sampler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vipe_ray.cameras import (
+from vipe_ray.prvipe.cameras import (
     FOCAL_PX,
     PRINCIPAL_PX,
     RIGS,
@@ -23,7 +23,7 @@ from vipe_ray.cameras import (
     sample_orbits,
     unproject,
 )
-from vipe_ray.keypoints import COCO13_KEYPOINTS
+from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS
 
 L_SHOULDER, R_SHOULDER, L_HIP, R_HIP = (COCO13_KEYPOINTS.index(n) for n in ("l_shoulder", "r_shoulder",
                                                                               "l_hip", "r_hip"))

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from vipe_ray.console import drop_known_lines, filter_driver_records, quiet_optuna_plots
-from vipe_ray.report import TrialLine, render, ui_hint
+from vipe_ray.platform.log_filters import drop_known_lines, filter_driver_records, quiet_optuna_plots
+from vipe_ray.platform.sweep_summary import TrialLine, render, ui_hint
 
 
 def _batch(lines: list[str], actor: str | None = None, pid: str = "123") -> dict:

@@ -82,7 +82,7 @@ def _write(tmp_path, table, metadata):
 
 
 def _good_meta():
-    from vipe_ray.keypoints import H36M17_JOINTS
+    from vipe_ray.prvipe.keypoints import H36M17_JOINTS
 
     return {"joints": list(H36M17_JOINTS), "fps": 30}
 

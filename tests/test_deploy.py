@@ -670,7 +670,7 @@ def test_trial_drivers_are_offered_only_by_the_cpu_group(label, spec):
 
 
 def test_the_image_records_its_git_commit():
-    from vipe_ray.tracking import COMMIT_ENV, COMMIT_FILE
+    from vipe_ray.platform.tracking import COMMIT_ENV, COMMIT_FILE
 
     lines = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
     arg = lines.index("ARG GIT_COMMIT=unknown")
@@ -688,7 +688,7 @@ def test_git_commit_falls_back_to_what_the_image_recorded(tmp_path, monkeypatch)
     uploaded checkout (a source tree without either) with `unknown`."""
     import subprocess
 
-    from vipe_ray.tracking import COMMIT_ENV, COMMIT_FILE, git_commit
+    from vipe_ray.platform.tracking import COMMIT_ENV, COMMIT_FILE, git_commit
 
     monkeypatch.setenv(COMMIT_ENV, "c0ffee")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()

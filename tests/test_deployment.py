@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from vipe_ray.cameras import OrbitCamera, Orbits
+from vipe_ray.prvipe.cameras import OrbitCamera, Orbits
 from vipe_ray.config import KeypointDropoutConfig, load_config
 from vipe_ray.data import WindowSampler, load_table
-from vipe_ray.keypoints import COCO13_KEYPOINTS
-from vipe_ray.tracking import PoseEmbedder
-from vipe_ray.train import build_model
-from vipe_ray.views import rendered_view, view_features
+from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS
+from vipe_ray.platform.tracking import PoseEmbedder
+from vipe_ray.training.loop import build_model
+from vipe_ray.prvipe.views import rendered_view, view_features
 
 L_HIP, R_HIP = COCO13_KEYPOINTS.index("l_hip"), COCO13_KEYPOINTS.index("r_hip")
 L_SHOULDER = COCO13_KEYPOINTS.index("l_shoulder")
@@ -81,7 +81,7 @@ def test_temporal_window_is_invalid_when_any_frame_is(tiny_overrides):
 def test_an_unbatched_pose_gets_a_clear_error(tiny_overrides):
     import pytest
 
-    from vipe_ray.keypoints import KeypointError
+    from vipe_ray.prvipe.keypoints import KeypointError
 
     model, _, _ = _model_and_poses(tiny_overrides, n=2)
     with pytest.raises(KeypointError, match=r"expected keypoints \[batch, 13, 2\].*got \[13, 2\]"):

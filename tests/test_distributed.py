@@ -1,4 +1,4 @@
-"""Ray Data + Ray Train (``vipe_ray.distributed``) on a real local Ray cluster: no mocks.
+"""Ray Data + Ray Train (``vipe_ray.training.ray_train``) on a real local Ray cluster: no mocks.
 
 One ``ray.init(num_cpus=2)`` is shared by the module and shut down at its end. Every multi-worker run uses
 0.5 CPU per worker (2 workers x 1 CPU on 2 CPUs leaves Ray Data no CPU and hangs silently), and every test
@@ -24,9 +24,9 @@ import torch
 
 from vipe_ray.config import config_from_dict, config_to_dict, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
-from vipe_ray.distributed import (Scaling, WorkerCallback, WorkerInfo, dataset_to_table, fit, pose_dataset,
+from vipe_ray.training.ray_train import (Scaling, WorkerCallback, WorkerInfo, dataset_to_table, fit, pose_dataset,
                                   resumed_payload, start_state, worker_threads)
-from vipe_ray.train import build_model, build_optimizer, load_checkpoint, train_step
+from vipe_ray.training.loop import build_model, build_optimizer, load_checkpoint, train_step
 
 # Integration tests (Ray Train): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
@@ -184,7 +184,7 @@ def _ddp_gradient_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     model = build_model(config)
     optimizer, _ = build_optimizer(config, model)
-    ddp_model = ray.train.torch.prepare_model(model)  # as vipe_ray.distributed does with 2+ workers
+    ddp_model = ray.train.torch.prepare_model(model)  # as vipe_ray.training.ray_train does with 2+ workers
     assert isinstance(ddp_model, DistributedDataParallel)
     train_step(ddp_model, optimizer, batch, config, generator)
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
@@ -301,7 +301,7 @@ def test_a_worker_refuses_a_checkpoint_of_another_config_or_data(tiny_overrides,
     """A sweep --resume rebuilds trial configs from today's files: a worker must not continue a checkpoint
     trained with another config (named key by key) or data, and continues its own."""
     from vipe_ray.config import ConfigError
-    from vipe_ray.distributed import CHECKPOINT
+    from vipe_ray.training.ray_train import CHECKPOINT
 
     config = _config(tiny_overrides)
     data = {"path": "poses.parquet", "checksum": "abc"}
@@ -319,7 +319,7 @@ def test_a_worker_refuses_a_checkpoint_of_another_config_or_data(tiny_overrides,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_resumed_gpu_worker_steps_and_validates_on_the_gpu(tiny_overrides):
-    from vipe_ray.distributed import validation_metrics
+    from vipe_ray.training.ray_train import validation_metrics
 
     config = _config(tiny_overrides)
     payload = _trained_payload(config)

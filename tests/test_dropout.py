@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.dropout (keypoint visibility masks) and vipe_ray.views (what the model sees)."""
+"""Tests for vipe_ray.prvipe.dropout (keypoint visibility masks) and vipe_ray.prvipe.views (what the model sees)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from vipe_ray.cameras import CameraRanges, OrbitCamera, Orbits, render, sample_orbits
+from vipe_ray.prvipe.cameras import CameraRanges, OrbitCamera, Orbits, render, sample_orbits
 from vipe_ray.config import ConfigError, KeypointDropoutConfig
-from vipe_ray.dropout import keypoint_visibility
-from vipe_ray.keypoints import OCCLUSION_GROUPS, TORSO_2D, normalize_2d, normalize_masked
-from vipe_ray.views import normalized_view, rendered_view, view_features
+from vipe_ray.prvipe.dropout import keypoint_visibility
+from vipe_ray.prvipe.keypoints import OCCLUSION_GROUPS, TORSO_2D, normalize_2d, normalize_masked
+from vipe_ray.prvipe.views import normalized_view, rendered_view, view_features
 
 GROUP_SETS = [frozenset(g) for g in OCCLUSION_GROUPS.values()]
 

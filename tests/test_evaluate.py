@@ -11,11 +11,11 @@ import torch
 
 from vipe_ray.config import EVAL_OCCLUSION_GROUPS, ConfigError, load_config
 from vipe_ray.data import evaluation_rows, load_table
-from vipe_ray.evaluate import (
+from vipe_ray.evaluation.protocols import (
     evaluate_rigs, format_markdown, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
 )
-from vipe_ray.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
-from vipe_ray.train import build_model
+from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
+from vipe_ray.training.loop import build_model
 
 
 def test_hits_at_k_hand_case():
@@ -118,7 +118,7 @@ def test_protocol_on_real_subject(tiny_overrides):
 def test_paired_difference_by_hand():
     """Per-query hits averaged over the camera pairs, then differenced query by query: mean and its standard
     error over the queries (here two camera pairs, four queries)."""
-    from vipe_ray.evaluate import _average, format_markdown
+    from vipe_ray.evaluation.protocols import _average, format_markdown
 
     pair_a = {"prvipe": {"hit@1": torch.tensor([1.0, 1.0, 0.0, 1.0])},
               "lift3d": {"hit@1": torch.tensor([1.0, 0.0, 0.0, 1.0])}}

@@ -1,4 +1,4 @@
-"""Ray Data ingest (``vipe_ray.ingest``): pieces, runs, the bounded buffer, and real Ray Data shards.
+"""Ray Data ingest (``vipe_ray.training.ingest``): pieces, runs, the bounded buffer, and real Ray Data shards.
 
 The Ray tests share one local 2-CPU cluster (or the session's) and read the bundled table.
 """
@@ -17,10 +17,10 @@ import pytest
 from conftest import local_ray
 import torch
 
-from vipe_ray import matching
+from vipe_ray.prvipe import matching
 from vipe_ray.config import load_config
 from vipe_ray.data import load_table
-from vipe_ray.ingest import (PIECE_ROWS, SCAN_FILTER_MAX_ROW_GROUP, PoseBuffer, StreamedShard, _keep_subjects,
+from vipe_ray.training.ingest import (PIECE_ROWS, SCAN_FILTER_MAX_ROW_GROUP, PoseBuffer, StreamedShard, _keep_subjects,
                              largest_row_group, pose_dataset, run_bounds, to_pieces)
 
 # Integration tests (Ray Data on a local Ray): `pytest -m "not integration"` is the fast unit suite.

@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.keypoints: profiles, index tables, 2D / 3D normalizations and shape checks."""
+"""Tests for vipe_ray.prvipe.keypoints: profiles, index tables, 2D / 3D normalizations and shape checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vipe_ray.keypoints import (
+from vipe_ray.prvipe.keypoints import (
     body_frame,
     COCO13_FLIP,
     COCO13_KEYPOINTS,
@@ -297,7 +297,7 @@ def test_normalize_3d_random_batch_properties():
 
 def test_body_frame_hand_case():
     """Hips on the y axis (left at +y), thorax up z: the body frame turns the hip line onto +x."""
-    from vipe_ray.keypoints import L_HIP, R_HIP  # H36M17's; this file's own L_HIP, R_HIP are COCO13's
+    from vipe_ray.prvipe.keypoints import L_HIP, R_HIP  # H36M17's; this file's own L_HIP, R_HIP are COCO13's
 
     joints = torch.zeros(17, 3, dtype=torch.float64)
     joints[R_HIP] = torch.tensor([0.0, -1.0, 0.0])

@@ -11,7 +11,7 @@ import yaml
 
 from vipe_ray.cli import main
 from vipe_ray.config import load_config
-from vipe_ray.ledger import config_sha256, count_evaluations, headline, read_ledger, record_test_evaluation
+from vipe_ray.evaluation.ledger import config_sha256, count_evaluations, headline, read_ledger, record_test_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_record_appends_one_line_per_evaluation(tmp_path):
 
 def test_sweeps_and_studies_record_their_test_evaluations(run, tmp_path, monkeypatch):
     """`test_metrics` (a sweep's best trial, every study trial) appends to the ledger the environment names."""
-    from vipe_ray.ledger import LEDGER_ENV, ledger_path
+    from vipe_ray.evaluation.ledger import LEDGER_ENV, ledger_path
     from vipe_ray.sweep import test_metrics
 
     ledger = tmp_path / "suite.jsonl"

@@ -1,4 +1,4 @@
-"""Limb swapping (vipe_ray.limb_swap): what moves, what stays, and that it is a property of the poses, not of
+"""Limb swapping (vipe_ray.prvipe.limb_swap): what moves, what stays, and that it is a property of the poses, not of
 the frame they are written in."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 
 from vipe_ray.config import ConfigError, load_config
 from vipe_ray.data import load_table
-from vipe_ray.keypoints import L_HIP, R_HIP, body_rotation
-from vipe_ray.limb_swap import LIMB_CHAINS, LIMB_FRAMES, swap_limbs
+from vipe_ray.prvipe.keypoints import L_HIP, R_HIP, body_rotation
+from vipe_ray.prvipe.limb_swap import LIMB_CHAINS, LIMB_FRAMES, swap_limbs
 
 MOVING = sorted(j for _, middle, end in LIMB_CHAINS for j in (middle, end))
 
@@ -108,8 +108,8 @@ def test_the_lifter_trains_on_the_original_poses_when_told(tiny_overrides):
     """``limb_swap.lifter: false``: the lifter's step draws nothing for the swap and trains exactly as without
     limb swapping; with ``lifter: true`` it trains on other poses. Pr-VIPE's step swaps either way."""
     from vipe_ray.config import merge
-    from vipe_ray.model import Lifter
-    from vipe_ray.train import build_model, build_optimizer, lifter_step, train_step
+    from vipe_ray.prvipe.model import Lifter
+    from vipe_ray.training.loop import build_model, build_optimizer, lifter_step, train_step
 
     poses = _poses(24)
 

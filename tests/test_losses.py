@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.losses: the match probability, kernel distance and the three losses."""
+"""Tests for vipe_ray.prvipe.losses: the match probability, kernel distance and the three losses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vipe_ray.losses import (
+from vipe_ray.prvipe.losses import (
     MatchProbability,
     a_to_raw,
     gaussian_kl,

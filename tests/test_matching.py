@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.matching: NP-MPJPE (normalized, Procrustes-aligned MPJPE)."""
+"""Tests for vipe_ray.prvipe.matching: NP-MPJPE (normalized, Procrustes-aligned MPJPE)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vipe_ray.matching import matches, np_mpjpe, pairwise_np_mpjpe, procrustes_align
+from vipe_ray.prvipe.matching import matches, np_mpjpe, pairwise_np_mpjpe, procrustes_align
 
 PELVIS, SPINE, THORAX = 0, 7, 8
 
@@ -165,7 +165,7 @@ def test_matches_is_inclusive_at_kappa():
 
 # --- closed-form reflection sign and per-pair entries -------------------------------------------------------
 
-from vipe_ray.matching import CentredPoses, det3, indexed_np_mpjpe, reflection_sign  # noqa: E402
+from vipe_ray.prvipe.matching import CentredPoses, det3, indexed_np_mpjpe, reflection_sign  # noqa: E402
 
 
 def test_det3_hand_computed():

@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.mining: negative candidates and the three mining modes."""
+"""Tests for vipe_ray.prvipe.mining: negative candidates and the three mining modes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vipe_ray.mining import MODES, candidate_mask, mine_negatives
+from vipe_ray.prvipe.mining import MODES, candidate_mask, mine_negatives
 
 INF = float("inf")
 
@@ -184,8 +184,8 @@ def test_bad_ratio_raises(ratio):
 
 # --- lazy labels: the same triplets as the full NP-MPJPE matrix ---------------------------------------------
 
-from vipe_ray.matching import CentredPoses, indexed_np_mpjpe, pairwise_np_mpjpe  # noqa: E402
-from vipe_ray.mining import mine_negatives_lazy  # noqa: E402
+from vipe_ray.prvipe.matching import CentredPoses, indexed_np_mpjpe, pairwise_np_mpjpe  # noqa: E402
+from vipe_ray.prvipe.mining import mine_negatives_lazy  # noqa: E402
 
 
 def clustered_poses(n: int, g: torch.Generator, frames: int | None = None, prototypes: int = 5) -> torch.Tensor:
@@ -264,7 +264,7 @@ def test_lazy_rejects_unknown_modes():
 
 # --- symmetric triplets: the positive views mine among the anchor views ----------------------------------
 
-from vipe_ray.mining import mine_triplets  # noqa: E402
+from vipe_ray.prvipe.mining import mine_triplets  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["semi_hard", "hard"])
@@ -323,7 +323,7 @@ def test_several_negatives_refuse_ratio_mining():
 
 
 def test_nearest_candidates_put_the_positive_first_then_the_nearest_others():
-    from vipe_ray.mining import nearest_candidates
+    from vipe_ray.prvipe.mining import nearest_candidates
 
     kernel = torch.tensor([[5.0, 1.0, 3.0, 2.0],
                            [0.5, 9.0, 0.1, 4.0],

@@ -1,12 +1,12 @@
-"""Where retrieval misses (vipe_ray.misses): hand cases and the report's agreement with the Hit@1 it explains."""
+"""Where retrieval misses (vipe_ray.evaluation.misses): hand cases and the report's agreement with the Hit@1 it explains."""
 
 import math
 
 import pytest
 import torch
 
-from vipe_ray.evaluate import format_markdown, format_table
-from vipe_ray.misses import exclusive_hits, miss_profile, miss_report
+from vipe_ray.evaluation.protocols import format_markdown, format_table
+from vipe_ray.evaluation.misses import exclusive_hits, miss_profile, miss_report
 
 
 def test_exclusive_hits_hand_case():

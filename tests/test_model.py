@@ -1,4 +1,4 @@
-"""Tests for vipe_ray.model: input features, the Pr-VIPE embedder and the 3D-lifting baseline."""
+"""Tests for vipe_ray.prvipe.model: input features, the Pr-VIPE embedder and the 3D-lifting baseline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vipe_ray.config import LossConfig, ModelConfig
-from vipe_ray.keypoints import pose_features
-from vipe_ray.model import FEATURES_PER_POSE, Embedding, Lifter, PrVipe
+from vipe_ray.prvipe.keypoints import pose_features
+from vipe_ray.prvipe.model import FEATURES_PER_POSE, Embedding, Lifter, PrVipe
 
 SMALL = ModelConfig(width=32, blocks=1, dropout=0.1, embedding_dim=4, samples=3)
 

@@ -87,7 +87,7 @@ def _check_sweep_in_mlflow(tracking_uri: str, experiment: str, min_trials: int =
     assert versions, "the best trial's model is registered"
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/{versions[0].name}/{versions[0].version}")
-    from vipe_ray.cameras import RIGS, Orbits, render
+    from vipe_ray.prvipe.cameras import RIGS, Orbits, render
     from vipe_ray.data import load_table
 
     table = load_table(REPO / "data" / "cmu_h36m17_30fps.parquet").select(["10"])

@@ -1,4 +1,4 @@
-"""Intervals over seeds (vipe_ray.stats) on hand-computed cases."""
+"""Intervals over seeds (vipe_ray.evaluation.stats) on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vipe_ray.stats import mean_interval, paired_difference, standard_error, t_quantile
+from vipe_ray.evaluation.stats import mean_interval, paired_difference, standard_error, t_quantile
 
 
 def test_t_quantiles_match_the_tables():

@@ -2,7 +2,7 @@
 
 A real 3-trial sweep at concurrency 2 once hung in its third trial, started after the first two ended, with
 Ray Data reporting "Cluster resources are not enough to run any task from ReadFilesParquetV2". Each trial's
-workers now stream their shard for the whole run (see ``vipe_ray.ingest``), so Ray Data executions of
+workers now stream their shard for the whole run (see ``vipe_ray.training.ingest``), so Ray Data executions of
 concurrent trials overlap: this runs the sweep command end to end on its own local Ray and checks that all
 three trials finish, the third started after others ended.
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vipe_ray.config import ConfigError
-from vipe_ray.study import is_study, load_study, variant_config
+from vipe_ray.platform.study import is_study, load_study, variant_config
 from vipe_ray.sweep import check_resources, load_sweep, trial_config, base_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_a_node_local_mlflow_store_is_refused_on_a_multi_node_cluster(tmp_path, 
     from vipe_ray.sweep import check_cluster_stores
 
     results = location(tmp_path / "results")
-    from vipe_ray.tracking import is_node_local_store
+    from vipe_ray.platform.tracking import is_node_local_store
 
     assert not any(map(is_node_local_store, ("http://mlflow:5000", "https://x", "databricks", "postgresql://d")))
     for uri in ("sqlite:////x/mlflow.db", "file:///x/mlruns", "./mlruns", "/abs/mlruns"):

@@ -11,8 +11,8 @@ import yaml
 from vipe_ray.cli import main
 from vipe_ray.config import ConfigError, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
-from vipe_ray.train import (build_model, build_optimizer, lifter_step, load_checkpoint, train, train_step)
-from vipe_ray.model import Lifter
+from vipe_ray.training.loop import (build_model, build_optimizer, lifter_step, load_checkpoint, train, train_step)
+from vipe_ray.prvipe.model import Lifter
 
 
 def test_train_step_updates_parameters_and_reports_metrics(tiny_overrides):
@@ -242,7 +242,7 @@ def test_mining_turns_hard_from_its_fraction_of_the_run(tiny_overrides):
 def test_dropout_ramp_and_anchor_only_views():
     """``keypoint_dropout.ramp`` raises the occluded share linearly; ``views: anchor`` keeps positives whole."""
     from vipe_ray.config import KeypointDropoutConfig
-    from vipe_ray.train import view_dropouts
+    from vipe_ray.training.loop import view_dropouts
 
     config = load_config(overrides={"keypoint_dropout": {"mode": "both", "instance_prob": 0.6, "views": "anchor",
                                                          "ramp": 0.5}})
@@ -262,7 +262,7 @@ def test_dropout_ramp_and_anchor_only_views():
 
 def test_lifter_learns_in_bf16_like_in_fp32(tiny_overrides):
     """The baseline trains in the precision Pr-VIPE trains in; its regression head stays fp32."""
-    from vipe_ray.model import Lifter
+    from vipe_ray.prvipe.model import Lifter
 
     table = load_table(load_config().data.table_path()).select(["10"])
     curves = {}
@@ -283,7 +283,7 @@ def test_lifter_learns_in_bf16_like_in_fp32(tiny_overrides):
 
 
 def test_weight_average_by_hand():
-    from vipe_ray.train import WeightAverage
+    from vipe_ray.training.loop import WeightAverage
 
     layer = torch.nn.Linear(1, 1, bias=False)
     bn = torch.nn.BatchNorm1d(1)
@@ -385,7 +385,7 @@ def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overr
     """A non-finite loss raises naming the step, before that step's weights reach a checkpoint."""
     import math
 
-    from vipe_ray.train import CHECKPOINT, TrainingDiverged, _run_loop, check_finite
+    from vipe_ray.training.loop import CHECKPOINT, TrainingDiverged, _run_loop, check_finite
 
     check_finite({"loss": 0.5, "triplet_loss": 0.4, "a": float("nan")}, 3, "x")  # only losses are checked
     with pytest.raises(TrainingDiverged, match=r"x: step 12 diverged \(loss=nan, triplet_loss=0.5\)"):
@@ -411,7 +411,7 @@ def test_resume_fills_keys_added_since_the_checkpoint(tiny_overrides, tmp_path):
     """A checkpoint saved before a config key existed resumes when the new key keeps its default (the old
     behaviour), and is refused, without touching the run's files, when it does not."""
     from vipe_ray.config import merge
-    from vipe_ray.train import CHECKPOINT
+    from vipe_ray.training.loop import CHECKPOINT
 
     old_behaviour = {"loss": {"ranking_weight": 0.0, "ranking_candidates": 8, "ranking_temperature": 0.05,
                               "ranking_views": "both"}, "lifter_baseline": False}
@@ -430,9 +430,9 @@ def test_resume_fills_keys_added_since_the_checkpoint(tiny_overrides, tmp_path):
 
 
 def test_graded_ranking_of_a_one_pose_batch_is_zero():
-    from vipe_ray.losses import MatchProbability
-    from vipe_ray.matching import CentredPoses
-    from vipe_ray.train import _graded_ranking
+    from vipe_ray.prvipe.losses import MatchProbability
+    from vipe_ray.prvipe.matching import CentredPoses
+    from vipe_ray.training.loop import _graded_ranking
 
     config = load_config(overrides={"loss": {"ranking_weight": 1.0}})
     z = torch.randn(1, 4, 8, requires_grad=True)
@@ -464,9 +464,9 @@ def test_graded_ranking_reads_the_configured_scores():
     """``loss.ranking_scores`` reaches the ranking: ``tail`` scores give the loss of the tail logits, which differs
     from the sigmoid's at a large b, and only the embeddings get its gradient."""
     from vipe_ray.config import LossConfig
-    from vipe_ray.losses import MatchProbability, graded_ranking_loss
-    from vipe_ray.matching import CentredPoses, indexed_np_mpjpe
-    from vipe_ray.train import _graded_ranking
+    from vipe_ray.prvipe.losses import MatchProbability, graded_ranking_loss
+    from vipe_ray.prvipe.matching import CentredPoses, indexed_np_mpjpe
+    from vipe_ray.training.loop import _graded_ranking
 
     g = torch.Generator().manual_seed(0)
     n, k, d = 6, 3, 4
@@ -499,8 +499,8 @@ def test_graded_ranking_reads_the_configured_scores():
 def test_auxiliary_3d_head_trains_on_its_target(tiny_overrides, frame):
     """``loss.lift_weight`` adds a 3D head whose loss is the mean per-joint error against ``lift_target``; the
     embedding (and so retrieval and deployment) is unchanged in shape, and off at 0 there is no head."""
-    from vipe_ray.cameras import sample_orbits
-    from vipe_ray.train import lift_target
+    from vipe_ray.prvipe.cameras import sample_orbits
+    from vipe_ray.training.loop import lift_target
 
     config = load_config(overrides=merge(tiny_overrides, {"loss": {"lift_weight": 2.0, "lift_frame": frame}}))
     table = load_table(config.data.table_path()).select(config.data.train_subjects)

@@ -55,7 +55,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vipe_ray.config import load_config
-    from vipe_ray.train import train
+    from vipe_ray.training.loop import train
 
     config = load_config(args.config, _overrides(args.set))
     summary = train(config, args.out, resume=args.resume)
@@ -97,10 +97,10 @@ def evaluation_split(args: argparse.Namespace, config, own_table: bool, table_su
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.data import load_table
-    from vipe_ray.evaluate import evaluate_rigs, format_markdown, format_table, write_json
-    from vipe_ray.ledger import count_evaluations, ledger_path, record_test_evaluation
+    from vipe_ray.evaluation.protocols import evaluate_rigs, format_markdown, format_table, write_json
+    from vipe_ray.evaluation.ledger import count_evaluations, ledger_path, record_test_evaluation
     from vipe_ray.storage import same_location
-    from vipe_ray.train import load_checkpoint
+    from vipe_ray.training.loop import load_checkpoint
 
     # Both methods with the same kind of weights: the average where the run kept one, or the trained ones.
     averaged = False if args.trained_weights else None

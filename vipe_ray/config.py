@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from vipe_ray import REPO_ROOT
-from vipe_ray.cameras import RIGS, CameraRanges, RigError, load_rig
-from vipe_ray.keypoints import OCCLUSION_GROUPS
-from vipe_ray.mining import MODES
+from vipe_ray.prvipe.cameras import RIGS, CameraRanges, RigError, load_rig
+from vipe_ray.prvipe.keypoints import OCCLUSION_GROUPS
+from vipe_ray.prvipe.mining import MODES
 from vipe_ray.storage import is_uri
 
 
@@ -37,7 +37,7 @@ class DataConfig:
     #: Drawn once from the subjects the 20-subject table added, before any evaluation (reports/data/split.md).
     test_subjects: tuple[str, ...] = ("03", "07", "08", "11", "12", "17", "35", "131")
     #: Poses a Ray Train worker holds to draw its batches from, streamed from its shard so that its memory
-    #: stays flat as the table grows (see :mod:`vipe_ray.ingest`); a shard that fits is read once. 0 = hold
+    #: stays flat as the table grows (see :mod:`vipe_ray.training.ingest`); a shard that fits is read once. 0 = hold
     #: the whole shard. ``vipe-ray train`` (one process) always holds the training subjects.
     buffer_rows: int = 16384
 
@@ -121,7 +121,7 @@ class KeypointDropoutConfig:
 
 @dataclass(frozen=True)
 class LimbSwapConfig:
-    """Limb swapping (:mod:`vipe_ray.limb_swap`): each limb of each training pose is replaced, with ``prob``,
+    """Limb swapping (:mod:`vipe_ray.prvipe.limb_swap`): each limb of each training pose is replaced, with ``prob``,
     by the same limb of another pose of the batch (its bone directions in the body frame, the pose's own bone
     lengths). Pr-VIPE trains on the swapped poses; the lifting baseline too unless ``lifter`` is false (then
     it trains on the original poses, drawing nothing for the swap)."""
@@ -186,7 +186,7 @@ class LossConfig:
     kl_weight: float = 0.001
     #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
     #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
-    #: (see :func:`vipe_ray.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
+    #: (see :func:`vipe_ray.prvipe.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
     #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only
     #: (half the ranking's cost; about 5% of the default's step).
     ranking_weight: float = 0.0
@@ -194,7 +194,7 @@ class LossConfig:
     ranking_temperature: float = 0.05
     ranking_views: str = "both"
     #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
-    #: same without the sigmoid's ceiling (see :meth:`vipe_ray.losses.MatchProbability.ranking_logits`).
+    #: same without the sigmoid's ceiling (see :meth:`vipe_ray.prvipe.losses.MatchProbability.ranking_logits`).
     ranking_scores: str = "sigmoid"
     #: What the ranking compares: ``samples``, the ranking kernel's samples (``mining.samples`` of each
     #: Gaussian); ``means``, the embedding means alone, free of the samples' noise (about ``sqrt(2 D) sigma``
@@ -232,7 +232,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class MiningConfig:
-    """Triplet mining: kappa (NP-MPJPE, torso units) separates negatives; see :mod:`vipe_ray.mining`."""
+    """Triplet mining: kappa (NP-MPJPE, torso units) separates negatives; see :mod:`vipe_ray.prvipe.mining`."""
 
     kappa: float = 0.1
     mode: str = "semi_hard"
@@ -302,7 +302,7 @@ class OptimConfig:
     #: and that evaluation and deployment use (the reference keeps one, 0.9999 over 5M steps); 0 = off.
     ema: float = 0.0
     #: Learning rate of the match kernel's a and b, as a multiple of ``lr`` (see
-    #: :func:`vipe_ray.train.parameter_groups`).
+    #: :func:`vipe_ray.training.loop.parameter_groups`).
     kernel_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -328,7 +328,7 @@ EVAL_OCCLUSION_GROUPS = ("left_arm", "right_arm", "left_leg", "right_leg", "both
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Cross-view retrieval protocols (see :mod:`vipe_ray.evaluate`).
+    """Cross-view retrieval protocols (see :mod:`vipe_ray.evaluation.protocols`).
 
     ``rigs`` are built-in rig names or rig YAML files; ``occlusion`` adds, per rig, the queries with
     ``occlusion_groups`` hidden and with keypoints hidden independently at ``occlusion_rates``.

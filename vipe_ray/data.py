@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vipe_ray import storage
-from vipe_ray.keypoints import H36M17_JOINTS, NUM_JOINTS_3D
+from vipe_ray.prvipe.keypoints import H36M17_JOINTS, NUM_JOINTS_3D
 
 SOURCE_FPS = 120
 METADATA_KEY = b"vipe_ray"

@@ -3,7 +3,7 @@
     python -m vipe_ray.sweep SWEEP.yaml [--resume] [--address ADDR] [--tracking-uri URI] [--storage DIR|URI]
                                         [--cluster-max CPU=N,GPU=N]
 
-(A YAML with a ``study:`` block is an ablation study: a grid of variants x seeds, see :mod:`vipe_ray.study`.)
+(A YAML with a ``study:`` block is an ablation study: a grid of variants x seeds, see :mod:`vipe_ray.platform.study`.)
 
 A sweep YAML names a base training config, fixed overrides, a search space over dotted config keys, the
 objective, trials, concurrency, resources per trial and a seed (see ``sweeps/``). Everything is validated
@@ -13,7 +13,7 @@ resources the cluster cannot provide fail with the file and key.
 On one machine it starts a local Ray and an embedded MLflow store (``./mlflow.db``); under
 ``ray job submit`` it joins the job's cluster. Each sweep gets an MLflow parent run, each trial a nested
 run with params, per-report metrics, the model and plots; the best trial's model is registered. The command
-ends with a summary table read back from MLflow (:mod:`vipe_ray.report`) and the URL that opens the runs.
+ends with a summary table read back from MLflow (:mod:`vipe_ray.platform.sweep_summary`) and the URL that opens the runs.
 
 Results, checkpoints and the resume state go to ``--storage``: a local folder or an object-store URI
 (``s3://bucket/prefix``, ``gs://...``; see :mod:`vipe_ray.storage`), which a cluster needs so that every node
@@ -37,8 +37,8 @@ from typing import Any, Literal
 import yaml
 
 from vipe_ray import REPO_ROOT, log
-from vipe_ray.distributed import Scaling
-from vipe_ray.ledger import record_test_evaluation
+from vipe_ray.training.ray_train import Scaling
+from vipe_ray.evaluation.ledger import record_test_evaluation
 from vipe_ray.storage import Location, StorageError, location
 from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, _build, config_from_dict, config_to_dict,
                              flatten, merge)
@@ -448,7 +448,7 @@ def check_cluster_stores(tracking_uri: str, results: Location, nodes: int, grows
     """On a cluster the sweep joined: refuse an MLflow store that is a file on one node when trials can run on
     other nodes (each would log into its own copy), warn when the cluster is a single node; warn when the
     results folder is a local path on a multi-node cluster (it must then be a shared mount)."""
-    from vipe_ray.tracking import is_node_local_store
+    from vipe_ray.platform.tracking import is_node_local_store
 
     if is_node_local_store(tracking_uri):
         where = (f"MLflow store {tracking_uri} is a file on the driver's node (under `ray job submit "
@@ -491,7 +491,7 @@ def _child_run(client, experiment_id: str, parent_id: str, trial_id: str, sweep:
     if found:
         return found[0].info.run_id
     from mlflow.entities import Param as MlflowParam
-    from vipe_ray.tracking import DESCRIPTION_TAG, git_commit
+    from vipe_ray.platform.tracking import DESCRIPTION_TAG, git_commit
 
     searched = ", ".join(f"{k} = {_short(v)}" for k, v in params.items())
     description = (f"Trial {trial_id} of sweep `{sweep.name}`: Pr-VIPE trained for {config.optim.steps} steps "
@@ -516,7 +516,7 @@ def run_trial(params: dict, settings: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vipe_ray.distributed import data_info, fit
+    from vipe_ray.training.ray_train import data_info, fit
 
     sweep: SweepConfig = settings["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
@@ -635,9 +635,9 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
     import torch
 
     from vipe_ray.data import load_table
-    from vipe_ray.evaluate import evaluate_rigs
-    from vipe_ray.train import load_checkpoint
-    from vipe_ray.tracking import hit_plot, log_figure, log_model, retrieval_figure
+    from vipe_ray.evaluation.protocols import evaluate_rigs
+    from vipe_ray.training.loop import load_checkpoint
+    from vipe_ray.platform.tracking import hit_plot, log_figure, log_model, retrieval_figure
 
     summary: dict = {}
     if checkpoint_path:
@@ -658,7 +658,7 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
         log_figure(client, run_id, retrieval_figure, ckpt.model, config, table, name="retrievals.png")
         client.log_dict(run_id, result, "validation_retrieval.json")
         example = torch.from_numpy(table.joints[:4]).double()
-        from vipe_ray.cameras import RIGS, Orbits, render
+        from vipe_ray.prvipe.cameras import RIGS, Orbits, render
 
         pixels = render(example, Orbits.from_cameras([RIGS["h36m"][0]]).expand(4)).float()
         if config.temporal.enabled:
@@ -713,10 +713,10 @@ def launched(sweep, resume: bool, address: str | None, tracking_uri: str | None,
     import ray
     from ray import tune
 
-    from vipe_ray.console import filter_driver_records, filter_worker_logs
+    from vipe_ray.platform.log_filters import filter_driver_records, filter_worker_logs
     from vipe_ray.data import DataError
-    from vipe_ray.distributed import data_info
-    from vipe_ray.tracking import default_tracking_uri
+    from vipe_ray.training.ray_train import data_info
+    from vipe_ray.platform.tracking import default_tracking_uri
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -779,7 +779,7 @@ def _run(sweep: SweepConfig, resume: bool, launch: Launch) -> dict:
     import ray
     from ray import tune
 
-    from vipe_ray.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
+    from vipe_ray.platform.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
 
     results, run_dir, base, tracking_uri = launch.results, launch.run_dir, launch.base, launch.tracking_uri
     cluster = ray.cluster_resources()
@@ -941,14 +941,14 @@ def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
 def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False,
                  command: str = ""):
     """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
-    flattened for MLflow (:func:`vipe_ray.evaluate.flat_metrics`, prefix ``test/``); with ``with_result``,
+    flattened for MLflow (:func:`vipe_ray.evaluation.protocols.flat_metrics`, prefix ``test/``); with ``with_result``,
     also the full result. ``checkpoint``: a local path or an object-store URI. The evaluation is recorded in
-    the test ledger (:mod:`vipe_ray.ledger`) under ``command``."""
+    the test ledger (:mod:`vipe_ray.evaluation.ledger`) under ``command``."""
     import tempfile
 
     from vipe_ray.data import load_table
-    from vipe_ray.evaluate import evaluate_rigs, flat_metrics
-    from vipe_ray.train import load_checkpoint
+    from vipe_ray.evaluation.protocols import evaluate_rigs, flat_metrics
+    from vipe_ray.training.loop import load_checkpoint
 
     where = location(checkpoint)
     if where.is_local:
@@ -993,7 +993,7 @@ def _log_search_plots(client, parent_id: str, sweep: SweepConfig, rows: list[dic
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ov
 
-    from vipe_ray.console import quiet_optuna_plots
+    from vipe_ray.platform.log_filters import quiet_optuna_plots
 
     with tempfile.TemporaryDirectory() as directory, quiet_optuna_plots():
         ax = ov.plot_optimization_history(study)
@@ -1030,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and args.resume:
         parser.error("--report and --resume: choose one")
     command = shlex.join(["python", "-m", "vipe_ray.sweep", *(sys.argv[1:] if argv is None else argv)])
-    from vipe_ray import study as studies  # a study is run by this command too; it builds on this module
+    from vipe_ray.platform import study as studies  # a study is run by this command too; it builds on this module
 
     try:
         if studies.is_study(args.sweep):
@@ -1060,10 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_table(sweep: SweepConfig, summary: dict) -> str:
-    """The closing table of a finished sweep, read back from MLflow (see :mod:`vipe_ray.report`)."""
+    """The closing table of a finished sweep, read back from MLflow (see :mod:`vipe_ray.platform.sweep_summary`)."""
     import mlflow
 
-    from vipe_ray import report
+    from vipe_ray.platform import sweep_summary as report
 
     evaluation = trial_config(base_values(sweep), {}).eval
     client = mlflow.MlflowClient(summary["tracking_uri"])

@@ -2,7 +2,7 @@
 
 Every number comes from the child runs' logged ``test/...`` metrics (nothing is recomputed here), so the
 report and MLflow agree by construction. Per variant and protocol: the mean over seeds with its 95% Student-t
-interval, and the difference from the reference variant paired by seed (:mod:`vipe_ray.stats`). A
+interval, and the difference from the reference variant paired by seed (:mod:`vipe_ray.evaluation.stats`). A
 difference whose interval excludes 0 is called better/worse; otherwise "no difference detected" -- with 3
 seeds only large effects are detected, which the report says.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from vipe_ray.config import config_to_dict
-from vipe_ray.stats import Interval, mean_interval, paired_difference
+from vipe_ray.evaluation.stats import Interval, mean_interval, paired_difference
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
     names.append("hit_at_1_per_variant.png")
     for key, members in study.series.items():
         from vipe_ray.sweep import base_values
-        from vipe_ray.study import variant_config
+        from vipe_ray.platform.study import variant_config
 
         base = base_values(study)
         points = []
@@ -300,10 +300,10 @@ def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, 
     import ray
     import torch
 
-    from vipe_ray.distributed import data_info
-    from vipe_ray.study import variant_config
+    from vipe_ray.training.ray_train import data_info
+    from vipe_ray.platform.study import variant_config
     from vipe_ray.sweep import base_values
-    from vipe_ray.tracking import git_commit
+    from vipe_ray.platform.tracking import git_commit
 
     records = collect(client, experiment_id, parent_id)
     if not records:

@@ -12,12 +12,12 @@ over camera pairs. All methods answer the same queries on the same renders:
   keypoints visible in both;
 * ``lift3d``: NP-MPJPE between the poses lifted to 3D by the lifter baseline.
 
-Rigs: built-in names (:data:`vipe_ray.cameras.RIGS`: ``h36m``, ``novel``, the randomized ``wide``) or rig
-YAML files (:func:`vipe_ray.cameras.load_rig`). Every method sees keypoints through
-:func:`vipe_ray.keypoints.model_input`, the deployed model's own path.
+Rigs: built-in names (:data:`vipe_ray.prvipe.cameras.RIGS`: ``h36m``, ``novel``, the randomized ``wide``) or rig
+YAML files (:func:`vipe_ray.prvipe.cameras.load_rig`). Every method sees keypoints through
+:func:`vipe_ray.prvipe.keypoints.model_input`, the deployed model's own path.
 
 Occlusion protocols (per rig, beside the clean one): the queries of every camera lose keypoints --
-``group:NAME`` hides exactly one occlusion group (:data:`vipe_ray.keypoints.OCCLUSION_GROUPS`) in every
+``group:NAME`` hides exactly one occlusion group (:data:`vipe_ray.prvipe.keypoints.OCCLUSION_GROUPS`) in every
 query, ``independent:R`` hides each keypoint independently with probability R (seeded) -- and are matched
 against a ``clean`` index and against an ``occluded`` one (the index renders hidden the same way, drawn
 anew per camera). To bound its cost, each camera's queries search the next camera of the rig (a ring of
@@ -35,7 +35,7 @@ embedding: as a query it misses, as an index pose it is never retrieved. Result 
                       "methods": {method: {"miss", "near_miss", "miss_error", "miss_matches"}},
                       "matches": median, "near": 1.25}}, ...}
 
-``misses`` (clean protocol, :mod:`vipe_ray.misses`) says where each method loses its Hit@1: on the same
+``misses`` (clean protocol, :mod:`vipe_ray.evaluation.misses`) says where each method loses its Hit@1: on the same
 queries as a baseline or on others, near misses (the right neighbourhood ordered wrong) or far ones, and on
 poses with few matches in the index or many.
 
@@ -46,7 +46,7 @@ same queries: the mean and standard error of the per-query differences (the meth
 so it is tighter than either method's ``se``). Both treat the queries as independent, which frames 200 ms
 apart in continuous clips are not, so they understate the uncertainty; and neither holds the variation
 between training runs of the same recipe (a new seed moves Hit@1 by about a point here): read them as a
-floor, and compare seeds (``vipe_ray.study``) before calling a difference real.
+floor, and compare seeds (``vipe_ray.platform.study``) before calling a difference real.
 """
 
 from __future__ import annotations
@@ -63,16 +63,16 @@ from typing import Callable
 import torch
 
 from vipe_ray import log
-from vipe_ray.cameras import RIGS, OrbitCamera, Orbits, load_rig
+from vipe_ray.prvipe.cameras import RIGS, OrbitCamera, Orbits, load_rig
 from vipe_ray.config import EvalConfig, TrainConfig
 from vipe_ray.data import PoseTable, evaluation_rows, window_rows
-from vipe_ray.dropout import group_visibility, independent_visibility
-from vipe_ray.keypoints import NUM_KEYPOINTS_2D, model_input
-from vipe_ray.losses import MatchProbability, kernel_distance
-from vipe_ray.matching import pairwise_np_mpjpe
-from vipe_ray.misses import miss_report
-from vipe_ray.stats import standard_error
-from vipe_ray.views import rendered_view
+from vipe_ray.prvipe.dropout import group_visibility, independent_visibility
+from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, model_input
+from vipe_ray.prvipe.losses import MatchProbability, kernel_distance
+from vipe_ray.prvipe.matching import pairwise_np_mpjpe
+from vipe_ray.evaluation.misses import miss_report
+from vipe_ray.evaluation.stats import standard_error
+from vipe_ray.prvipe.views import rendered_view
 
 METHODS = ("prvipe", "prvipe_mean", "nn2d", "lift3d")
 INDEX_MODES = ("clean", "occluded")
@@ -390,8 +390,8 @@ def _paired_rows(result: dict, ks: tuple[int, ...]) -> list[tuple[str, str, list
             for rig, pairs in (result.get("paired") or {}).items() for pair, d in pairs.items()]
 
 
-#: Column titles of the two miss tables: per method (:func:`vipe_ray.misses.miss_profile`), and Pr-VIPE
-#: against each baseline (:func:`vipe_ray.misses.exclusive_hits`; "only" = only that method hits).
+#: Column titles of the two miss tables: per method (:func:`vipe_ray.evaluation.misses.miss_profile`), and Pr-VIPE
+#: against each baseline (:func:`vipe_ray.evaluation.misses.exclusive_hits`; "only" = only that method hits).
 MISS_COLUMNS = ("missed", "near misses", "top-1 error", "matches")
 EXCLUSIVE_COLUMNS = ("both hit", "only Pr-VIPE", "only baseline", "neither")
 

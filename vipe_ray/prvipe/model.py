@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from vipe_ray.config import LossConfig, ModelConfig
-from vipe_ray.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
-from vipe_ray.losses import MatchProbability
+from vipe_ray.prvipe.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
+from vipe_ray.prvipe.losses import MatchProbability
 
 FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
 

@@ -1,6 +1,6 @@
 """When do two 3D poses match? NP-MPJPE: Procrustes-aligned mean per-joint error on normalized poses.
 
-Both poses are normalized (:func:`vipe_ray.keypoints.normalize_3d`) and centred; the source ``X`` is aligned
+Both poses are normalized (:func:`vipe_ray.prvipe.keypoints.normalize_3d`) and centred; the source ``X`` is aligned
 to the target ``Y`` (``[17, 3]`` each) by the similarity (rotation without reflection, isotropic scale,
 translation) that minimizes the squared error: with ``H = X^T Y = U S V^T`` (Kabsch/Umeyama),
 
@@ -16,7 +16,7 @@ singular ``H`` (``det H = 0``, where the sign says nothing) falls back to ``det(
 
 Every entry is computed by one per-pair routine (:func:`indexed_np_mpjpe`) on poses normalized once
 (:class:`CentredPoses`): the full matrix (:func:`pairwise_np_mpjpe`) and a few entries picked by the miner
-(:func:`vipe_ray.mining.mine_negatives_lazy`) give bit-identical values for the same pair (tested on CPU;
+(:func:`vipe_ray.prvipe.mining.mine_negatives_lazy`) give bit-identical values for the same pair (tested on CPU;
 a GPU's batched kernels may round differently with the batch size, so a label lying exactly on kappa could
 differ there).
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vipe_ray.keypoints import NUM_JOINTS_3D, normalize_3d
+from vipe_ray.prvipe.keypoints import NUM_JOINTS_3D, normalize_3d
 
 
 def det3(m: torch.Tensor) -> torch.Tensor:

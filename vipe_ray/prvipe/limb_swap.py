@@ -3,7 +3,7 @@
 Unseen subjects perform poses that no training pose matches within kappa; a model must place them by their
 parts. Each limb (an arm: shoulder, elbow, wrist; a leg: hip, knee, ankle) of a training pose is, with a given
 probability, replaced by the same limb of another pose of the batch: the donor's bone *directions*, taken in
-the donor's body frame (:func:`vipe_ray.keypoints.body_rotation`: of the hips for a leg, of the shoulders for
+the donor's body frame (:func:`vipe_ray.prvipe.keypoints.body_rotation`: of the hips for a leg, of the shoulders for
 an arm) and carried into the recipient's, hung from the recipient's own shoulder or hip with the recipient's
 own bone *lengths*. The torso, head and the other limbs stay. The result is a whole 3D pose, so every label
 read from it (NP-MPJPE matching, the lifter's target) stays exact.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vipe_ray.keypoints import L_HIP, L_SHOULDER, NUM_JOINTS_3D, R_HIP, R_SHOULDER, body_rotation
+from vipe_ray.prvipe.keypoints import L_HIP, L_SHOULDER, NUM_JOINTS_3D, R_HIP, R_SHOULDER, body_rotation
 
 #: (root, middle, end) H36M17 joints of each limb (right leg, left leg, left arm, right arm); the root stays,
 #: the other two move.

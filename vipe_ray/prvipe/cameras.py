@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from vipe_ray.keypoints import h36m17_to_coco13
+from vipe_ray.prvipe.keypoints import h36m17_to_coco13
 
 #: Intrinsics of every virtual camera: a 1000 x 1000 px image, focal 1000 px (53 deg field of view).
 FOCAL_PX = 1000.0

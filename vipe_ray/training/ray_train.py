@@ -2,8 +2,8 @@
 
 * Ray Data reads the pose table (the split's subjects filtered in the scan), in pieces dealt in random order
   to the workers; each worker keeps a bounded buffer of its shard and renders fresh random views of it every
-  step (see :mod:`vipe_ray.ingest`: nothing is rendered up front, no worker holds the table).
-* ``TorchTrainer`` runs :func:`vipe_ray.train.train_step` in every worker under DDP: gloo on CPU, nccl on GPU
+  step (see :mod:`vipe_ray.training.ingest`: nothing is rendered up front, no worker holds the table).
+* ``TorchTrainer`` runs :func:`vipe_ray.training.loop.train_step` in every worker under DDP: gloo on CPU, nccl on GPU
   (Ray picks the backend from ``use_gpu``). Each worker draws its own batch of ``optim.batch_size`` poses
   (the reference's "batch per worker"): N workers step on N x batch_size poses, with the same ``lr``.
 * Each worker runs torch on its device (:func:`start_state`) with one intra-op thread per whole Ray CPU it
@@ -32,8 +32,8 @@ import torch
 from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
-from vipe_ray.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
-from vipe_ray.train import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, check_finite,
+from vipe_ray.training.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
+from vipe_ray.training.loop import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, check_finite,
                             check_resumable, rng_state, train_step, weight_average)
 
 
@@ -336,7 +336,7 @@ def validation_metrics(model: torch.nn.Module, config: TrainConfig, table: PoseT
     frames, at most ``max_queries`` (0: all)."""
     from dataclasses import replace
 
-    from vipe_ray.evaluate import evaluate_rigs
+    from vipe_ray.evaluation.protocols import evaluate_rigs
 
     model.eval()
     # The clean protocol only: occlusion protocols cost ~20x more and belong to the final evaluation.

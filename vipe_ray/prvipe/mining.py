@@ -95,7 +95,7 @@ def mine_negatives_lazy(kernel: torch.Tensor, d_ap: torch.Tensor, labels: PairLa
 
     Args:
         kernel: ``[N, M]`` kernel distance from anchor i to positive j; d_ap: ``[N]``.
-        labels: NP-MPJPE of given (anchor, positive) pairs (e.g. :func:`vipe_ray.matching.indexed_np_mpjpe`);
+        labels: NP-MPJPE of given (anchor, positive) pairs (e.g. :func:`vipe_ray.prvipe.matching.indexed_np_mpjpe`);
             must give the same value for a pair whichever other pairs share the call.
         kappa: candidates have NP-MPJPE >= kappa; mode, ratio, generator: as :func:`mine_negatives`.
         block: ranked columns labelled per still-pending anchor in the round after the top-ranked one

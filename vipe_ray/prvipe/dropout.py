@@ -3,7 +3,7 @@
 An instance is selected with ``instance_prob``. Independent dropout then hides each keypoint with
 ``keypoint_prob``; structured dropout hides one whole occlusion group (an arm, a leg, the lower body, ...).
 The result is a visibility mask; the model sees hidden keypoints as zeros with their flag off. A training
-view that this leaves impossible to normalize keeps its torso (:func:`vipe_ray.views.view_features`, the one
+view that this leaves impossible to normalize keeps its torso (:func:`vipe_ray.prvipe.views.view_features`, the one
 place that rule lives); deployment has no such guarantee and reports such poses as invalid instead.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vipe_ray.config import KeypointDropoutConfig
-from vipe_ray.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
+from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
 
 _GROUP_MASKS = torch.zeros(len(OCCLUSION_GROUPS), NUM_KEYPOINTS_2D, dtype=torch.bool)
 for _g, _members in enumerate(OCCLUSION_GROUPS.values()):

@@ -1,7 +1,7 @@
 """2D views of 3D poses: what the model sees.
 
 A view renders world poses through a virtual camera and keeps the 13 input keypoints; keypoint dropout
-hides some of them; :func:`vipe_ray.keypoints.model_input` -- the same function the deployed model runs --
+hides some of them; :func:`vipe_ray.prvipe.keypoints.model_input` -- the same function the deployed model runs --
 normalizes from the visible keypoints only and packs the features; optional jitter is added last.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from vipe_ray.cameras import Orbits, render
+from vipe_ray.prvipe.cameras import Orbits, render
 from vipe_ray.config import KeypointDropoutConfig
-from vipe_ray.dropout import keypoint_visibility
-from vipe_ray.keypoints import TORSO_2D, KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
+from vipe_ray.prvipe.dropout import keypoint_visibility
+from vipe_ray.prvipe.keypoints import TORSO_2D, KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
 
 
 def rendered_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:

@@ -51,7 +51,7 @@ def git_commit(root: Path = REPO_ROOT) -> tuple[str, bool]:
 
 
 def headline(result: dict) -> dict[str, dict[str, float]]:
-    """Hit@1 of every method on every rig of an :func:`vipe_ray.evaluate.evaluate_rigs` result."""
+    """Hit@1 of every method on every rig of an :func:`vipe_ray.evaluation.protocols.evaluate_rigs` result."""
     return {rig: {method: hits["hit@1"] for method, hits in methods.items() if "hit@1" in hits}
             for rig, methods in result["rigs"].items()}
 

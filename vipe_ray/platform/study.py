@@ -7,14 +7,14 @@ variants (each a set of dotted config overrides; one of them the ``reference``, 
 seeds. There is no sampler and no early stopping: Ray Tune runs the full grid, each trial a Ray Train run
 that keeps its best-validation checkpoint. When a trial's training ends, the trial
 
-1. evaluates that checkpoint with the full protocol of :mod:`vipe_ray.evaluate` on the *test* subjects
+1. evaluates that checkpoint with the full protocol of :mod:`vipe_ray.evaluation.protocols` on the *test* subjects
    (every rig, every occlusion protocol; temporal windows for a temporal variant) -- a retrieval hits when
    the 3D NP-MPJPE is at most ``eval.kappa`` for every variant, whatever kappa it was trained with;
 2. for the reference variant with ``baselines: true``, trains the 3D-lifting baseline with the same config
    and seed (same data, views, dropout and steps) and evaluates it beside Pr-VIPE and 2D-NN;
 3. logs the test metrics (``test/...``), the retrieval JSON, the model and its plots on its MLflow run.
 
-After the grid, :mod:`vipe_ray.study_report` reads the runs back from MLflow, aggregates per variant and
+After the grid, :mod:`vipe_ray.platform.study_report` reads the runs back from MLflow, aggregates per variant and
 protocol (mean and 95% interval over seeds, the paired difference from the reference) and writes the
 Markdown report with its plots to ``reports/<name>/``, and logs it on the parent run. ``--resume``
 continues an interrupted study: Tune reruns only the unfinished trials.
@@ -34,7 +34,7 @@ import yaml
 
 from vipe_ray import log
 from vipe_ray.config import ConfigError, TrainConfig, _build
-from vipe_ray.distributed import BEST_METRIC, Scaling
+from vipe_ray.training.ray_train import BEST_METRIC, Scaling
 from vipe_ray.storage import location
 from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _unfinished,
                             base_values, check_resources, finalize_trial, launched, log_metrics, parent_run,
@@ -183,9 +183,9 @@ def run_study_trial(params: dict, settings: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vipe_ray.distributed import data_info, fit
+    from vipe_ray.training.ray_train import data_info, fit
     from vipe_ray.sweep import test_metrics
-    from vipe_ray.train import load_checkpoint, train_lifter
+    from vipe_ray.training.loop import load_checkpoint, train_lifter
 
     study: StudyConfig = settings["study"]
     variant, seed = params["variant"], int(params["seed"])
@@ -231,8 +231,8 @@ def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: s
     whose grid is not complete gets a report marked partial."""
     import mlflow
 
-    from vipe_ray import study_report
-    from vipe_ray.tracking import default_tracking_uri
+    from vipe_ray.platform import study_report
+    from vipe_ray.platform.tracking import default_tracking_uri
 
     run_dir = _latest_run_dir(location(storage), study.name)
     if run_dir is None or not (run_dir / PARENT_RUN_FILE).exists():
@@ -252,14 +252,14 @@ def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: s
 def run_study(study: StudyConfig, resume: bool = False, address: str | None = None, tracking_uri: str | None = None,
               storage: str | Path = "ray_results", command: str | None = None,
               cluster_max: dict[str, float] | None = None) -> dict:
-    """Run (or resume) a study end to end; returns the report's summary (see :mod:`vipe_ray.study_report`).
+    """Run (or resume) a study end to end; returns the report's summary (see :mod:`vipe_ray.platform.study_report`).
     ``storage``: a folder or an object-store URI, as for a sweep."""
     import mlflow
     import ray
     from ray import tune
 
-    from vipe_ray import study_report
-    from vipe_ray.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
+    from vipe_ray.platform import study_report
+    from vipe_ray.platform.tracking import DESCRIPTION_TAG, ensure_experiment, git_commit, source_tags
 
     with launched(study, resume, address, tracking_uri, storage, command, cluster_max) as run:
         cluster = ray.cluster_resources()
