@@ -411,7 +411,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, path + ".")
+        return build_dataclass(tp, value, path + ".")
     if origin is Literal:
         # YAML 1.1 reads an unquoted off/on (``mode: off``, ``--set keypoint_dropout.mode=off``) as a boolean.
         if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
@@ -455,7 +455,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported type {tp}")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """A frozen config dataclass ``cls`` from a YAML mapping: values coerced to the field types, unknown keys and
+    invalid values refused with :class:`ConfigError` naming ``prefix`` + the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -473,7 +475,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 def config_from_dict(values: dict | None, source: str = "<dict>") -> TrainConfig:
     """Build a validated :class:`TrainConfig`; errors name ``source`` and the key."""
     try:
-        return _build(TrainConfig, values or {})
+        return build_dataclass(TrainConfig, values or {})
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

@@ -40,7 +40,7 @@ from vipe_ray import REPO_ROOT, log
 from vipe_ray.training.ray_train import Scaling
 from vipe_ray.evaluation.ledger import record_test_evaluation
 from vipe_ray.storage import Location, StorageError, location
-from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, _build, config_from_dict, config_to_dict,
+from vipe_ray.config import (DEFAULT_CONFIG, ConfigError, TrainConfig, build_dataclass, config_from_dict, config_to_dict,
                              flatten, merge)
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -264,7 +264,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     simple = {k: v for k, v in raw.items()
               if k not in ("search_space", "overrides", "points_to_evaluate", "cluster_max")}
     try:
-        sweep = _build(SweepConfig, simple)
+        sweep = build_dataclass(SweepConfig, simple)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     points = _parse_points(raw.get("points_to_evaluate"), space, where)

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from vipe_ray import log
-from vipe_ray.config import ConfigError, TrainConfig, _build
+from vipe_ray.config import ConfigError, TrainConfig, build_dataclass
 from vipe_ray.training.ray_train import BEST_METRIC, Scaling
 from vipe_ray.storage import location
 from vipe_ray.sweep import (PARENT_RUN_FILE, MlflowReporter, _child_run, _latest_run_dir, _unfinished,
@@ -139,7 +139,7 @@ def load_study(path: str | Path) -> StudyConfig:
     simple = {k: v for k, v in raw.items() if k not in ("study", "overrides", "cluster_max")}
     simple.update({k: block[k] for k in ("reference", "baselines") if k in block})
     try:
-        study = _build(StudyConfig, simple)
+        study = build_dataclass(StudyConfig, simple)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     overrides = raw.get("overrides") or {}
