@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from vipe_ray.cli import _overrides  # noqa: E402
 from vipe_ray.config import load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
-from vipe_ray.training.loop import build_model, build_optimizer, embed, train_step  # noqa: E402
+from vipe_ray.training.checkpoint import build_model
+from vipe_ray.training.step import train_step  # noqa: E402
+from vipe_ray.training.optim import build_optimizer
+from vipe_ray.training.step import embed
 
 
 def main() -> None:

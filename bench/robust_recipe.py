@@ -48,7 +48,9 @@ import torch
 from vipe_ray.config import load_config, merge
 from vipe_ray.data import load_table
 from vipe_ray.evaluation.protocols import LIMBS, evaluate_rigs
-from vipe_ray.training.loop import lifter_limb_swap, load_checkpoint, train
+from vipe_ray.training.checkpoint import load_checkpoint
+from vipe_ray.training.loop import train
+from vipe_ray.training.step import lifter_limb_swap
 
 PAPER = {"elevation": [-30, 30], "roll": [-30, 30], "distance": [2.5, 6.0]}
 BROAD = {"elevation": [-45, 85], "roll": [-60, 60], "distance": [1.5, 10.0], "focal": [400, 3000]}

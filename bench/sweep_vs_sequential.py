@@ -18,7 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from vipe_ray.sweep import base_values, load_sweep, run_sweep, trial_config
+from vipe_ray.platform.sweep_spec import base_values, load_sweep, trial_config
+from vipe_ray.platform.tune_driver import run_sweep
 from vipe_ray.training.loop import train
 
 

@@ -44,7 +44,9 @@ from vipe_ray.cli import _overrides  # noqa: E402
 from vipe_ray.config import TrainConfig, load_config  # noqa: E402
 from vipe_ray.data import WindowSampler, load_table  # noqa: E402
 from vipe_ray.prvipe.keypoints import pose_features  # noqa: E402
-from vipe_ray.training.loop import build_model, build_optimizer, train_step  # noqa: E402
+from vipe_ray.training.checkpoint import build_model
+from vipe_ray.training.step import train_step  # noqa: E402
+from vipe_ray.training.optim import build_optimizer
 from vipe_ray.platform.tracking import PoseEmbedder  # noqa: E402
 from vipe_ray.prvipe.views import rendered_view  # noqa: E402
 

@@ -55,8 +55,9 @@ def test_autoscaler_limits_come_from_the_cluster_config_in_the_gcs(two_nodes, tm
     import ray
     from ray.core.generated import autoscaler_pb2, autoscaler_pb2_grpc
 
-    from vipe_ray.sweep import (TRIAL_DRIVER_RESOURCE, autoscaler_limits, check_resources, cluster_limits,
-                                load_sweep, trial_resources)
+    from vipe_ray.platform.resources import (TRIAL_DRIVER_RESOURCE, autoscaler_limits, check_resources,
+                                             cluster_limits, trial_resources)
+    from vipe_ray.platform.sweep_spec import load_sweep
 
     ray.init(address=two_nodes.address, logging_level="ERROR")
     try:

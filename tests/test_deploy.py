@@ -645,7 +645,8 @@ def _ray_resources(group: dict) -> dict[str, float]:
 def test_cluster_max_is_what_the_autoscaler_can_reach():
     """`--cluster-max` (the sweep plans its concurrency for it) = each worker group's maxReplicas x what one
     of its pods offers, plus the head."""
-    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE, parse_resources
+    from vipe_ray.platform.resources import TRIAL_DRIVER_RESOURCE
+    from vipe_ray.platform.sweep_spec import parse_resources
 
     for job, spec in _jobs_with_clusters():
         expected: dict[str, float] = {}
@@ -661,7 +662,7 @@ def test_cluster_max_is_what_the_autoscaler_can_reach():
 
 @pytest.mark.parametrize("label, spec", cluster_specs(), ids=[label for label, _ in cluster_specs()])
 def test_trial_drivers_are_offered_only_by_the_cpu_group(label, spec):
-    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE
+    from vipe_ray.platform.resources import TRIAL_DRIVER_RESOURCE
 
     by_name = groups(spec)
     assert _ray_resources(by_name["cpu-workers"]).get(TRIAL_DRIVER_RESOURCE, 0) >= 1

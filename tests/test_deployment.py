@@ -11,7 +11,7 @@ from vipe_ray.config import KeypointDropoutConfig, load_config
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS
 from vipe_ray.platform.tracking import PoseEmbedder
-from vipe_ray.training.loop import build_model
+from vipe_ray.training.checkpoint import build_model
 from vipe_ray.prvipe.views import rendered_view, view_features
 
 L_HIP, R_HIP = COCO13_KEYPOINTS.index("l_hip"), COCO13_KEYPOINTS.index("r_hip")

@@ -25,8 +25,15 @@ import torch
 from vipe_ray.config import config_from_dict, config_to_dict, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.training.ray_train import (Scaling, WorkerCallback, WorkerInfo, dataset_to_table, fit, pose_dataset,
-                                  resumed_payload, start_state, worker_threads)
-from vipe_ray.training.loop import build_model, build_optimizer, load_checkpoint, train_step
+                                  resumed_payload, worker_threads)
+from vipe_ray.training.loop import start_state
+from vipe_ray.training.checkpoint import build_model, load_checkpoint
+
+# Integration tests (Ray Train): `pytest -m "not integration"` is the fast unit suite.
+from vipe_ray.training.optim import build_optimizer
+
+# Integration tests (Ray Train): `pytest -m "not integration"` is the fast unit suite.
+from vipe_ray.training.step import train_step
 
 # Integration tests (Ray Train): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
@@ -261,7 +268,7 @@ def test_a_killed_worker_resumes_from_the_registered_checkpoint(ray_cluster, tin
 def _trained_payload(config, steps: int = 2) -> dict:
     """The state a checkpoint holds after ``steps`` CPU steps (what rank 0 writes)."""
     table = load_table(config.data.table_path()).select(config.data.train_subjects)
-    state = start_state(config, 0, "cpu")
+    state = start_state(config, "prvipe", "cpu", 0)
     for _ in range(steps):
         batch = WindowSampler(table).sample(config.optim.batch_size, state.generator)
         train_step(state.model, state.optimizer, batch, config, state.generator)
@@ -276,7 +283,7 @@ def test_a_resumed_worker_state_is_on_its_device_and_steps(tiny_overrides):
     # "meta" holds no data but keeps every tensor's device: the optimizer state must follow the parameters.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")  # values, not devices
-        meta = start_state(config, 0, torch.device("meta"), payload)
+        meta = start_state(config, "prvipe", torch.device("meta"), 0, payload)
     moments = [v for state in meta.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     assert moments and all(t.device.type == "meta" for t in moments)
     assert all(p.device.type == "meta" for p in meta.model.parameters())
@@ -287,7 +294,7 @@ def test_a_resumed_worker_state_is_on_its_device_and_steps(tiny_overrides):
     model.to("meta")
     assert all(v.device.type == "cpu" for state in optimizer.state.values() for v in state.values())
 
-    resumed = start_state(config, 0, "cpu", payload)
+    resumed = start_state(config, "prvipe", "cpu", 0, payload)
     assert resumed.step == 2 and resumed.scheduler.last_epoch == 2
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, payload["model"][name]), name
@@ -319,11 +326,11 @@ def test_a_worker_refuses_a_checkpoint_of_another_config_or_data(tiny_overrides,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_resumed_gpu_worker_steps_and_validates_on_the_gpu(tiny_overrides):
-    from vipe_ray.training.ray_train import validation_metrics
+    from vipe_ray.evaluation.validation import validation_metrics
 
     config = _config(tiny_overrides)
     payload = _trained_payload(config)
-    state = start_state(config, 0, "cuda", payload)
+    state = start_state(config, "prvipe", "cuda", 0, payload)
     table = load_table(config.data.table_path())
     batch = WindowSampler(table.select(config.data.train_subjects)).sample(config.optim.batch_size, state.generator)
     assert np.isfinite(train_step(state.model, state.optimizer, batch, config, state.generator)["loss"])

@@ -15,7 +15,7 @@ from vipe_ray.evaluation.protocols import (
     evaluate_rigs, format_markdown, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
 )
 from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
-from vipe_ray.training.loop import build_model
+from vipe_ray.training.checkpoint import build_model
 
 
 def test_hits_at_k_hand_case():

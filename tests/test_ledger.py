@@ -105,7 +105,7 @@ def test_record_appends_one_line_per_evaluation(tmp_path):
 def test_sweeps_and_studies_record_their_test_evaluations(run, tmp_path, monkeypatch):
     """`test_metrics` (a sweep's best trial, every study trial) appends to the ledger the environment names."""
     from vipe_ray.evaluation.ledger import LEDGER_ENV, ledger_path
-    from vipe_ray.sweep import test_metrics
+    from vipe_ray.platform.mlflow_runs import test_metrics
 
     ledger = tmp_path / "suite.jsonl"
     monkeypatch.setenv(LEDGER_ENV, str(ledger))

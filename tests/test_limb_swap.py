@@ -109,7 +109,9 @@ def test_the_lifter_trains_on_the_original_poses_when_told(tiny_overrides):
     limb swapping; with ``lifter: true`` it trains on other poses. Pr-VIPE's step swaps either way."""
     from vipe_ray.config import merge
     from vipe_ray.prvipe.model import Lifter
-    from vipe_ray.training.loop import build_model, build_optimizer, lifter_step, train_step
+    from vipe_ray.training.checkpoint import build_model
+    from vipe_ray.training.optim import build_optimizer
+    from vipe_ray.training.step import lifter_step, train_step
 
     poses = _poses(24)
 

@@ -90,7 +90,8 @@ def test_sweep_on_a_kuberay_like_cluster_spreads_ddp_workers_over_nodes(kuberay_
     import mlflow
     import torch
 
-    from vipe_ray.sweep import load_sweep, run_sweep
+    from vipe_ray.platform.sweep_spec import load_sweep
+    from vipe_ray.platform.tune_driver import run_sweep
 
     cluster, root, worker_nodes, head = kuberay_like_cluster
     sweep_file = tmp_path / "multinode.yaml"

@@ -15,7 +15,9 @@ from conftest import load_bench
 from vipe_ray.config import ConfigError, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
 from vipe_ray.prvipe.model import Dropout
-from vipe_ray.training.loop import build_model, build_optimizer, embed, train_step
+from vipe_ray.training.checkpoint import build_model
+from vipe_ray.training.optim import build_optimizer
+from vipe_ray.training.step import embed, train_step
 
 
 def test_dropout_is_inverted_dropout_with_the_right_keep_rate():

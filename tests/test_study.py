@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vipe_ray.config import ConfigError
-from vipe_ray.platform.study import load_study
+from vipe_ray.platform.study_spec import load_study
 
 # Integration tests (Ray Tune studies): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from vipe_ray.config import ConfigError
-from vipe_ray.platform.study import is_study, load_study, variant_config
-from vipe_ray.sweep import check_resources, load_sweep, trial_config, base_values
+from vipe_ray.platform.resources import check_resources
+from vipe_ray.platform.study_spec import is_study, load_study, variant_config
+from vipe_ray.platform.sweep_spec import base_values, load_sweep, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -146,7 +147,7 @@ def test_impossible_resources_fail_before_trials(tmp_path):
 
 
 def test_tpe_starts_modelling_within_the_sweep_and_lies_under_concurrency(tmp_path):
-    from vipe_ray.sweep import build_searcher
+    from vipe_ray.platform.search import build_searcher
 
     for extra, startup in (("trials: 8\n", 4), ("trials: 40\n", 10), ("trials: 8\nstartup_trials: 2\n", 2)):
         searcher = build_searcher(load_sweep(_write(tmp_path, GOOD + extra)))
@@ -158,7 +159,7 @@ def test_tpe_starts_modelling_within_the_sweep_and_lies_under_concurrency(tmp_pa
 def test_asha_runs_on_the_training_step_up_to_the_longest_run(tmp_path):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from vipe_ray.sweep import build_scheduler
+    from vipe_ray.platform.search import build_scheduler
 
     sweep = load_sweep(_write(tmp_path, GOOD + "scheduler: {type: asha, grace_period: 2, reduction_factor: 3}\n"))
     base = trial_config(base_values(sweep), {})
@@ -190,7 +191,8 @@ def test_a_cluster_that_can_grow_is_judged_by_its_limits(tmp_path, capsys):
 
 
 def test_cluster_max_from_the_sweep_or_the_command_line(tmp_path):
-    from vipe_ray.sweep import cluster_limits, parse_resources
+    from vipe_ray.platform.resources import cluster_limits
+    from vipe_ray.platform.sweep_spec import parse_resources
 
     sweep = load_sweep(_write(tmp_path, GOOD + "cluster_max: {cpu: 64, GPU: 8, trial_driver: 100}\n"))
     assert sweep.cluster_max == {"CPU": 64.0, "GPU": 8.0, "trial_driver": 100.0}
@@ -209,7 +211,7 @@ def test_cluster_max_from_the_sweep_or_the_command_line(tmp_path):
 
 
 def test_trial_drivers_use_the_trial_driver_resource_where_the_cluster_has_it(tmp_path):
-    from vipe_ray.sweep import TRIAL_DRIVER_RESOURCE, trial_resources
+    from vipe_ray.platform.resources import TRIAL_DRIVER_RESOURCE, trial_resources
 
     train = load_sweep(_write(tmp_path, GOOD + "resources: {num_workers: 2, cpus_per_worker: 1.0, use_gpu: true}\n"))
     assert trial_resources(train, {"CPU": 8.0, "GPU": 2.0}) == {"cpu": 0.01}
@@ -220,7 +222,7 @@ def test_trial_drivers_use_the_trial_driver_resource_where_the_cluster_has_it(tm
 
 def test_a_node_local_mlflow_store_is_refused_on_a_multi_node_cluster(tmp_path, capsys):
     from vipe_ray.storage import location
-    from vipe_ray.sweep import check_cluster_stores
+    from vipe_ray.platform.resources import check_cluster_stores
 
     results = location(tmp_path / "results")
     from vipe_ray.platform.tracking import is_node_local_store

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vipe_ray.sweep import TrialFinisher, load_sweep
+from vipe_ray.platform.sweep_spec import load_sweep
+from vipe_ray.platform.tune_driver import TrialFinisher
 
 # Integration tests (Ray Tune sweeps): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
@@ -101,7 +102,7 @@ def test_test_metrics_are_logged_past_mlflows_batch_limit(tmp_path):
 
     import mlflow
 
-    from vipe_ray.sweep import log_metrics
+    from vipe_ray.platform.mlflow_runs import log_metrics
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.create_run(client.create_experiment("batches"))

@@ -11,7 +11,10 @@ import yaml
 from vipe_ray.cli import main
 from vipe_ray.config import ConfigError, load_config, merge
 from vipe_ray.data import WindowSampler, load_table
-from vipe_ray.training.loop import (build_model, build_optimizer, lifter_step, load_checkpoint, train, train_step)
+from vipe_ray.training.checkpoint import build_model, load_checkpoint
+from vipe_ray.training.loop import train
+from vipe_ray.training.optim import build_optimizer
+from vipe_ray.training.step import lifter_step, train_step
 from vipe_ray.prvipe.model import Lifter
 
 
@@ -242,7 +245,7 @@ def test_mining_turns_hard_from_its_fraction_of_the_run(tiny_overrides):
 def test_dropout_ramp_and_anchor_only_views():
     """``keypoint_dropout.ramp`` raises the occluded share linearly; ``views: anchor`` keeps positives whole."""
     from vipe_ray.config import KeypointDropoutConfig
-    from vipe_ray.training.loop import view_dropouts
+    from vipe_ray.training.step import view_dropouts
 
     config = load_config(overrides={"keypoint_dropout": {"mode": "both", "instance_prob": 0.6, "views": "anchor",
                                                          "ramp": 0.5}})
@@ -283,7 +286,7 @@ def test_lifter_learns_in_bf16_like_in_fp32(tiny_overrides):
 
 
 def test_weight_average_by_hand():
-    from vipe_ray.training.loop import WeightAverage
+    from vipe_ray.training.optim import WeightAverage
 
     layer = torch.nn.Linear(1, 1, bias=False)
     bn = torch.nn.BatchNorm1d(1)
@@ -381,17 +384,18 @@ def test_graded_ranking_loss_joins_the_step(tiny_overrides):
         load_config(overrides={"loss": {"ranking_candidates": 0}})
 
 
-def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path):
+def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overrides, tmp_path, monkeypatch):
     """A non-finite loss raises naming the step, before that step's weights reach a checkpoint."""
     import math
 
-    from vipe_ray.training.loop import CHECKPOINT, TrainingDiverged, _run_loop, check_finite
+    from vipe_ray.training import loop
+    from vipe_ray.training.checkpoint import CHECKPOINT
+    from vipe_ray.training.loop import TrainingDiverged, check_finite
 
     check_finite({"loss": 0.5, "triplet_loss": 0.4, "a": float("nan")}, 3, "x")  # only losses are checked
     with pytest.raises(TrainingDiverged, match=r"x: step 12 diverged \(loss=nan, triplet_loss=0.5\)"):
         check_finite({"loss": float("nan"), "triplet_loss": 0.5}, 12, "x")
-    config = load_config(overrides=tiny_overrides)  # 6 steps, a checkpoint every 3
-    table = load_table(config.data.table_path())
+    config = load_config(overrides=merge(tiny_overrides, {"lifter_baseline": False}))  # 6 steps, a checkpoint every 3
     calls = []
 
     def diverging_step(*args, **kwargs):
@@ -399,10 +403,10 @@ def test_a_diverged_step_stops_training_and_keeps_the_last_checkpoint(tiny_overr
         calls.append(1)
         return {**metrics, "loss": math.inf} if len(calls) == 5 else metrics
 
+    monkeypatch.setattr(loop, "train_step", diverging_step)
     with pytest.raises(TrainingDiverged, match=f"{CHECKPOINT}: step 5 diverged"):
-        _run_loop("prvipe", tmp_path, CHECKPOINT, "prvipe", config, table, build_model(config), diverging_step,
-                  None, lambda _m: None, ("loss",))
-    kept = load_checkpoint(tmp_path)
+        train(config, tmp_path, progress=lambda _m: None)
+    kept = load_checkpoint(tmp_path, which="latest")
     assert kept.step == 3
     assert all(torch.isfinite(p).all() for p in kept.model.parameters())
 
@@ -411,7 +415,7 @@ def test_resume_fills_keys_added_since_the_checkpoint(tiny_overrides, tmp_path):
     """A checkpoint saved before a config key existed resumes when the new key keeps its default (the old
     behaviour), and is refused, without touching the run's files, when it does not."""
     from vipe_ray.config import merge
-    from vipe_ray.training.loop import CHECKPOINT
+    from vipe_ray.training.checkpoint import CHECKPOINT
 
     old_behaviour = {"loss": {"ranking_weight": 0.0, "ranking_candidates": 8, "ranking_temperature": 0.05,
                               "ranking_views": "both"}, "lifter_baseline": False}
@@ -432,12 +436,12 @@ def test_resume_fills_keys_added_since_the_checkpoint(tiny_overrides, tmp_path):
 def test_graded_ranking_of_a_one_pose_batch_is_zero():
     from vipe_ray.prvipe.losses import MatchProbability
     from vipe_ray.prvipe.matching import CentredPoses
-    from vipe_ray.training.loop import _graded_ranking
+    from vipe_ray.training.step import graded_ranking
 
     config = load_config(overrides={"loss": {"ranking_weight": 1.0}})
     z = torch.randn(1, 4, 8, requires_grad=True)
     poses = CentredPoses.of(torch.randn(1, 1, 17, 3))
-    loss = _graded_ranking(torch.zeros(1, 1), z, z, poses, MatchProbability(), config.loss)
+    loss = graded_ranking(torch.zeros(1, 1), z, z, poses, MatchProbability(), config.loss)
     assert loss.item() == 0.0
 
 
@@ -466,7 +470,7 @@ def test_graded_ranking_reads_the_configured_scores():
     from vipe_ray.config import LossConfig
     from vipe_ray.prvipe.losses import MatchProbability, graded_ranking_loss
     from vipe_ray.prvipe.matching import CentredPoses, indexed_np_mpjpe
-    from vipe_ray.training.loop import _graded_ranking
+    from vipe_ray.training.step import graded_ranking
 
     g = torch.Generator().manual_seed(0)
     n, k, d = 6, 3, 4
@@ -478,7 +482,7 @@ def test_graded_ranking_reads_the_configured_scores():
     losses = {}
     for scores in ("sigmoid", "tail"):
         config = LossConfig(ranking_weight=1.0, ranking_candidates=2, ranking_scores=scores)
-        losses[scores] = _graded_ranking(kernel, anchors, pool, poses, match, config)
+        losses[scores] = graded_ranking(kernel, anchors, pool, poses, match, config)
         # The same loss by hand: positive first, then the 2 kernel-nearest others.
         cols = torch.cat([torch.arange(n)[:, None], torch.full((n, 2), -1)], 1)
         for i in range(n):
@@ -500,7 +504,7 @@ def test_auxiliary_3d_head_trains_on_its_target(tiny_overrides, frame):
     """``loss.lift_weight`` adds a 3D head whose loss is the mean per-joint error against ``lift_target``; the
     embedding (and so retrieval and deployment) is unchanged in shape, and off at 0 there is no head."""
     from vipe_ray.prvipe.cameras import sample_orbits
-    from vipe_ray.training.loop import lift_target
+    from vipe_ray.prvipe.views import lift_target
 
     config = load_config(overrides=merge(tiny_overrides, {"loss": {"lift_weight": 2.0, "lift_frame": frame}}))
     table = load_table(config.data.table_path()).select(config.data.train_subjects)

@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vipe_ray.training.loop import train
 
     config = load_config(args.config, _overrides(args.set))
-    summary = train(config, args.out, resume=args.resume)
+    summary = train(config, args.out, resume=args.resume, device=args.device)
     print(f"done: {args.out} {summary}")
     return 0
 
@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.evaluation.protocols import evaluate_rigs, format_markdown, format_table, write_json
     from vipe_ray.evaluation.ledger import count_evaluations, ledger_path, record_test_evaluation
     from vipe_ray.storage import same_location
-    from vipe_ray.training.loop import load_checkpoint
+    from vipe_ray.training.checkpoint import load_checkpoint
 
     # Both methods with the same kind of weights: the average where the run kept one, or the trained ones.
     averaged = False if args.trained_weights else None
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoints found in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.steps=100 (repeatable)")
+    p.add_argument("--device", help="torch device of both methods, e.g. cpu or cuda:1 (default: the first GPU "
+                                    "where there is one, else the CPU)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="cross-view retrieval Hit@k vs the 2D-NN and 3D-lifting baselines")

@@ -10,21 +10,21 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from vipe_ray import REPO_ROOT
+from vipe_ray.errors import ConfigError
+from vipe_ray.prvipe.dropout import KeypointDropoutConfig
+from vipe_ray.prvipe.losses import LossConfig
+from vipe_ray.prvipe.model import ModelConfig
 from vipe_ray.prvipe.cameras import RIGS, CameraRanges, RigError, load_rig
 from vipe_ray.prvipe.keypoints import OCCLUSION_GROUPS
 from vipe_ray.prvipe.mining import MODES
 from vipe_ray.storage import is_uri
-
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used; the message names the file and key."""
 
 
 @dataclass(frozen=True)
@@ -90,36 +90,6 @@ class CameraConfig:
 
 
 @dataclass(frozen=True)
-class KeypointDropoutConfig:
-    """Keypoint dropout: ``independent`` drops single keypoints, ``structured`` occludes joint groups together.
-
-    An instance is picked with ``instance_prob``; then each keypoint is dropped with ``keypoint_prob``
-    (independent) and/or one random occlusion group is hidden (structured). Dropped keypoints are zeroed and
-    flagged in the visibility mask that the model reads.
-    """
-
-    mode: Literal["off", "independent", "structured", "both"] = "off"
-    instance_prob: float = 0.3
-    keypoint_prob: float = 0.1
-    #: Which training views lose keypoints: both, or the anchor only (its positive stays whole).
-    views: Literal["both", "anchor"] = "both"
-    #: Fraction of the run over which ``instance_prob`` rises linearly from 0 (0 = from the first step).
-    ramp: float = 0.0
-
-    def at(self, progress: float) -> "KeypointDropoutConfig":
-        """The dropout in force at ``progress`` (step / steps) of a run."""
-        if self.ramp <= 0 or progress >= self.ramp:
-            return self
-        return dataclasses.replace(self, instance_prob=self.instance_prob * max(progress, 0.0) / self.ramp)
-
-    def __post_init__(self) -> None:
-        for name in ("instance_prob", "keypoint_prob", "ramp"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"keypoint_dropout.{name}: {v} is not a probability in [0, 1]")
-
-
-@dataclass(frozen=True)
 class LimbSwapConfig:
     """Limb swapping (:mod:`vipe_ray.prvipe.limb_swap`): each limb of each training pose is replaced, with ``prob``,
     by the same limb of another pose of the batch (its bone directions in the body frame, the pose's own bone
@@ -132,6 +102,40 @@ class LimbSwapConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0:
             raise ConfigError(f"limb_swap.prob: {self.prob} is not a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LifterConfig:
+    """The 3D-lifting baseline's own recipe (:func:`lifter_recipe`). A setting left unset (null) takes
+    Pr-VIPE's value, so that the default compares the two methods on one recipe; a tuned lifter sets its own."""
+
+    #: Optimizer, learning rate, poses per step and steps (``optim.*`` when unset).
+    optimizer: Literal["adam", "adagrad"] | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    #: Backbone width, residual blocks and dropout (``model.*`` when unset).
+    width: int | None = None
+    blocks: int | None = None
+    dropout: float | None = None
+    #: Views whose keypoints are dropped: ``anchor`` (one view of each pose) or ``both``
+    #: (``keypoint_dropout.views`` when unset).
+    dropout_views: Literal["anchor", "both"] | None = None
+    #: Limb-swap probability of its training poses (unset: ``limb_swap.prob`` where ``limb_swap.lifter``,
+    #: else 0).
+    limb_swap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lifter.lr: {self.lr} must be > 0")
+        for name in ("batch_size", "steps", "width", "blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"lifter.{name}: {value} must be >= 1")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lifter.dropout: {self.dropout} must lie in [0, 1)")
+        if self.limb_swap is not None and not 0.0 <= self.limb_swap <= 1.0:
+            raise ConfigError(f"lifter.limb_swap: {self.limb_swap} is not a probability in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -151,83 +155,6 @@ class TemporalConfig:
     @property
     def window(self) -> int:
         return self.frames if self.enabled else 1
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Residual MLP backbone (Martinez-style) with a Gaussian embedding head."""
-
-    width: int = 1024
-    blocks: int = 2
-    dropout: float = 0.3
-    embedding_dim: int = 16
-    samples: int = 20
-    probabilistic: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("width", "embedding_dim", "samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}: {getattr(self, name)} must be >= 1")
-        if self.blocks < 0:
-            raise ConfigError(f"model.blocks: {self.blocks} must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout: {self.dropout} must lie in [0, 1)")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Sigmoid initialisation and loss weights (reference values)."""
-
-    a_init: float = math.exp(-0.65)
-    b_init: float = -0.5
-    smoothing: float = 0.1
-    margin: float = math.log(2.0)
-    positive_weight: float = 0.005
-    kl_weight: float = 0.001
-    #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
-    #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
-    #: (see :func:`vipe_ray.prvipe.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
-    #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only
-    #: (half the ranking's cost; about 5% of the default's step).
-    ranking_weight: float = 0.0
-    ranking_candidates: int = 8
-    ranking_temperature: float = 0.05
-    ranking_views: str = "both"
-    #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
-    #: same without the sigmoid's ceiling (see :meth:`vipe_ray.prvipe.losses.MatchProbability.ranking_logits`).
-    ranking_scores: str = "sigmoid"
-    #: What the ranking compares: ``samples``, the ranking kernel's samples (``mining.samples`` of each
-    #: Gaussian); ``means``, the embedding means alone, free of the samples' noise (about ``sqrt(2 D) sigma``
-    #: added to every distance), which retrieval by means never sees.
-    ranking_on: str = "samples"
-    #: Auxiliary 3D head (vipe-ray's extension, off at 0): a linear head on Pr-VIPE's backbone regresses each
-    #: view's normalized 3D pose, its mean per-joint error weighted by ``lift_weight`` -- the direct 3D signal
-    #: the lifting baseline trains on. ``lift_frame``: ``camera``, the lifter's target (the pose in the view's
-    #: camera frame); ``body``, the pose in its own hip-and-spine frame, the same target for every view.
-    #: Retrieval still reads the embedding alone.
-    lift_weight: float = 0.0
-    lift_frame: str = "camera"
-
-    def __post_init__(self) -> None:
-        if self.a_init <= 0:
-            raise ConfigError(f"loss.a_init: {self.a_init} must be > 0 (a = ELU(raw) + 1 is positive)")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"loss.smoothing: {self.smoothing} must lie in [0, 1)")
-        for name in ("margin", "positive_weight", "kl_weight", "ranking_weight", "lift_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name}: {getattr(self, name)} must be >= 0")
-        if self.ranking_candidates < 1:
-            raise ConfigError(f"loss.ranking_candidates: {self.ranking_candidates} must be >= 1")
-        if not self.ranking_temperature > 0:
-            raise ConfigError(f"loss.ranking_temperature: {self.ranking_temperature} must be > 0")
-        if self.ranking_scores not in ("sigmoid", "tail"):
-            raise ConfigError(f"loss.ranking_scores: {self.ranking_scores!r} must be 'sigmoid' or 'tail'")
-        if self.ranking_views not in ("both", "anchor"):
-            raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
-        if self.ranking_on not in ("samples", "means"):
-            raise ConfigError(f"loss.ranking_on: {self.ranking_on!r} must be 'samples' or 'means'")
-        if self.lift_frame not in ("camera", "body"):
-            raise ConfigError(f"loss.lift_frame: {self.lift_frame!r} must be 'camera' or 'body'")
 
 
 @dataclass(frozen=True)
@@ -389,9 +316,13 @@ class TrainConfig:
     mining: MiningConfig = field(default_factory=MiningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lifter: LifterConfig = field(default_factory=LifterConfig)
     lifter_baseline: bool = True
     log_every: int = 50
     checkpoint_every: int = 500
+    #: Steps between validations in ``vipe-ray train`` (at checkpoints; each method keeps its best-validation
+    #: checkpoint in ``out/best/``); 0: none, the latest checkpoint is the run's. Ray Train runs validate at
+    #: every checkpoint.
     val_every: int = 0
 
     def __post_init__(self) -> None:
@@ -400,6 +331,28 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
         if self.val_every < 0:
             raise ConfigError(f"val_every: {self.val_every} must be >= 0 (0 = only at the end)")
+
+
+def lifter_recipe(config: TrainConfig) -> TrainConfig:
+    """The config the lifting baseline trains with: ``config`` with the settings of its ``lifter`` section in
+    place of Pr-VIPE's (optimizer, model, keypoint-dropout views, limb swap); data, cameras and precision
+    stay shared."""
+    lifter = config.lifter
+
+    def pick(value, default):
+        return default if value is None else value
+
+    swap = pick(lifter.limb_swap, config.limb_swap.prob if config.limb_swap.lifter else 0.0)
+    return replace(
+        config,
+        optim=replace(config.optim, optimizer=pick(lifter.optimizer, config.optim.optimizer),
+                      lr=pick(lifter.lr, config.optim.lr), batch_size=pick(lifter.batch_size, config.optim.batch_size),
+                      steps=pick(lifter.steps, config.optim.steps)),
+        model=replace(config.model, width=pick(lifter.width, config.model.width),
+                      blocks=pick(lifter.blocks, config.model.blocks), dropout=pick(lifter.dropout, config.model.dropout)),
+        keypoint_dropout=replace(config.keypoint_dropout,
+                                 views=pick(lifter.dropout_views, config.keypoint_dropout.views)),
+        limb_swap=replace(config.limb_swap, prob=swap, lifter=True))
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -428,13 +381,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
     if origin in (typing.Union, types.UnionType):
+        reasons = []
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+            except ConfigError as exc:
+                reasons.append(str(exc).removeprefix(f"{path}: "))
+        raise ConfigError(f"{path}: {value!r} fits none of its types ({'; '.join(reasons)})")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")

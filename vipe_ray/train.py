@@ -1,7 +1,8 @@
-"""Stable import path of training (``vipe_ray.train.load_checkpoint``, ``train``, ``train_lifter``).
+"""Stable import path of training: ``vipe_ray.train.load_checkpoint``, ``train``, ``train_lifter`` and the step
+functions, as before the package layout; the code lives in :mod:`vipe_ray.training`."""
 
-The code lives in :mod:`vipe_ray.training`; this alias keeps scripts and notebooks written against the
-earlier layout working.
-"""
-
-from vipe_ray.training.loop import *  # noqa: F401,F403
+from vipe_ray.training.checkpoint import (CHECKPOINT, FORMAT, LIFTER_CHECKPOINT, Checkpoint,  # noqa: F401
+                                          atomic_save, build_lifter, build_model, check_resumable, load_checkpoint)
+from vipe_ray.training.loop import TrainingDiverged, check_finite, train, train_lifter  # noqa: F401
+from vipe_ray.training.optim import WeightAverage, build_optimizer, parameter_groups, unwrap  # noqa: F401
+from vipe_ray.training.step import embed, lifter_step, train_step, training_views  # noqa: F401

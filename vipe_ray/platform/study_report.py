@@ -15,10 +15,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+import mlflow
+import numpy
+import ray
+import torch
 import yaml
 
-from vipe_ray.config import config_to_dict
+from vipe_ray.config import config_to_dict, load_config
 from vipe_ray.evaluation.stats import Interval, mean_interval, paired_difference
+from vipe_ray.platform.study_spec import variant_config
+from vipe_ray.platform.sweep_spec import base_values
+from vipe_ray.platform.tracking import git_commit
+from vipe_ray.training.ray_train import data_info
 
 
 @dataclass(frozen=True)
@@ -209,8 +218,6 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
 
 def _scale(config) -> str:
     """The reference variant's model, training and test sizes, and how they compare with the default config's."""
-    from vipe_ray.config import load_config
-
     default = load_config()
     m, o, e = config.model, config.optim, config.eval
     queries = f"at most {e.max_queries}" if e.max_queries else "all"
@@ -235,10 +242,8 @@ def _rig_mean(records: list[TrialRecord], variant: str, keys: list[str]) -> dict
 
 def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[str]:
     """Hit@1 per variant (clean and one limb hidden), and Hit@1 against each ``series`` key, with intervals."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"): a driver has no display
 
     names = []
     variants = [v for v in study.variants if v in table]
@@ -263,9 +268,6 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
     plt.close(fig)
     names.append("hit_at_1_per_variant.png")
     for key, members in study.series.items():
-        from vipe_ray.sweep import base_values
-        from vipe_ray.platform.study import variant_config
-
         base = base_values(study)
         points = []
         for v in members:
@@ -295,16 +297,6 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
 def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, command: str,
           out_root: str | Path | None = None, partial: str | None = None) -> dict:
     """Collect, aggregate and write the report to ``{report_dir}/{name}/`` and the parent run's ``report/``."""
-    import mlflow
-    import numpy
-    import ray
-    import torch
-
-    from vipe_ray.training.ray_train import data_info
-    from vipe_ray.platform.study import variant_config
-    from vipe_ray.sweep import base_values
-    from vipe_ray.platform.tracking import git_commit
-
     records = collect(client, experiment_id, parent_id)
     if not records:
         raise RuntimeError(f"study {study.name}: no trial of parent run {parent_id} logged test metrics")

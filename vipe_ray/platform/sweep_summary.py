@@ -33,7 +33,8 @@ def mlflow_key(metric: str) -> str:
 
 
 def collect(client, summary: dict, objective: str, rigs: tuple[str, ...], ks: tuple[int, ...]) -> list[TrialLine]:
-    """One line per trial of ``summary`` (from :func:`vipe_ray.sweep.summarize`), metrics read from MLflow."""
+    """One line per trial of ``summary`` (from :func:`vipe_ray.platform.tune_driver.summarize`), metrics read
+    from MLflow."""
     lines = []
     for row in summary["trials"]:
         metrics: dict[str, float] = {}

@@ -1,0 +1,3 @@
+"""The Pr-VIPE maths: keypoints, cameras, views, matching (NP-MPJPE), mining, losses, dropout, limb swapping and
+the models.
+"""

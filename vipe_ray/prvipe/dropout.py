@@ -9,10 +9,45 @@ place that rule lives); deployment has no such guarantee and reports such poses 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from vipe_ray.config import KeypointDropoutConfig
+from vipe_ray.errors import ConfigError
 from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, OCCLUSION_GROUPS
+
+
+@dataclass(frozen=True)
+class KeypointDropoutConfig:
+    """Keypoint dropout: ``independent`` drops single keypoints, ``structured`` occludes joint groups together.
+
+    An instance is picked with ``instance_prob``; then each keypoint is dropped with ``keypoint_prob``
+    (independent) and/or one random occlusion group is hidden (structured). Dropped keypoints are zeroed and
+    flagged in the visibility mask that the model reads.
+    """
+
+    mode: Literal["off", "independent", "structured", "both"] = "off"
+    instance_prob: float = 0.3
+    keypoint_prob: float = 0.1
+    #: Which training views lose keypoints: both, or the anchor only (its positive stays whole).
+    views: Literal["both", "anchor"] = "both"
+    #: Fraction of the run over which ``instance_prob`` rises linearly from 0 (0 = from the first step).
+    ramp: float = 0.0
+
+    def at(self, progress: float) -> "KeypointDropoutConfig":
+        """The dropout in force at ``progress`` (step / steps) of a run."""
+        if self.ramp <= 0 or progress >= self.ramp:
+            return self
+        return dataclasses.replace(self, instance_prob=self.instance_prob * max(progress, 0.0) / self.ramp)
+
+    def __post_init__(self) -> None:
+        for name in ("instance_prob", "keypoint_prob", "ramp"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"keypoint_dropout.{name}: {v} is not a probability in [0, 1]")
+
 
 _GROUP_MASKS = torch.zeros(len(OCCLUSION_GROUPS), NUM_KEYPOINTS_2D, dtype=torch.bool)
 for _g, _members in enumerate(OCCLUSION_GROUPS.values()):

@@ -19,10 +19,70 @@ Smoothing ``s`` keeps P in (s/2, 1 - s/2), so d never reaches log(0). Losses:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vipe_ray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Sigmoid initialisation and loss weights (reference values)."""
+
+    a_init: float = math.exp(-0.65)
+    b_init: float = -0.5
+    smoothing: float = 0.1
+    margin: float = math.log(2.0)
+    positive_weight: float = 0.005
+    kl_weight: float = 0.001
+    #: Graded ranking loss (vipe-ray's extension, off at 0): each anchor's own positive and its
+    #: ``ranking_candidates`` kernel-nearest other poses, ranked by 3D NP-MPJPE at ``ranking_temperature``
+    #: (see :func:`vipe_ray.prvipe.losses.graded_ranking_loss`). ``ranking_views``: ``both`` ranks from the anchor
+    #: views and (with symmetric triplets) from the positive views too; ``anchor`` from the anchor views only
+    #: (half the ranking's cost; about 5% of the default's step).
+    ranking_weight: float = 0.0
+    ranking_candidates: int = 8
+    ranking_temperature: float = 0.05
+    ranking_views: str = "both"
+    #: The ranking's scores: ``sigmoid``, ``log mean sigmoid(-a d + b)``; ``tail``, ``log mean exp(-a d)``, the
+    #: same without the sigmoid's ceiling (see :meth:`vipe_ray.prvipe.losses.MatchProbability.ranking_logits`).
+    ranking_scores: str = "sigmoid"
+    #: What the ranking compares: ``samples``, the ranking kernel's samples (``mining.samples`` of each
+    #: Gaussian); ``means``, the embedding means alone, free of the samples' noise (about ``sqrt(2 D) sigma``
+    #: added to every distance), which retrieval by means never sees.
+    ranking_on: str = "samples"
+    #: Auxiliary 3D head (vipe-ray's extension, off at 0): a linear head on Pr-VIPE's backbone regresses each
+    #: view's normalized 3D pose, its mean per-joint error weighted by ``lift_weight`` -- the direct 3D signal
+    #: the lifting baseline trains on. ``lift_frame``: ``camera``, the lifter's target (the pose in the view's
+    #: camera frame); ``body``, the pose in its own hip-and-spine frame, the same target for every view.
+    #: Retrieval still reads the embedding alone.
+    lift_weight: float = 0.0
+    lift_frame: str = "camera"
+
+    def __post_init__(self) -> None:
+        if self.a_init <= 0:
+            raise ConfigError(f"loss.a_init: {self.a_init} must be > 0 (a = ELU(raw) + 1 is positive)")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"loss.smoothing: {self.smoothing} must lie in [0, 1)")
+        for name in ("margin", "positive_weight", "kl_weight", "ranking_weight", "lift_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name}: {getattr(self, name)} must be >= 0")
+        if self.ranking_candidates < 1:
+            raise ConfigError(f"loss.ranking_candidates: {self.ranking_candidates} must be >= 1")
+        if not self.ranking_temperature > 0:
+            raise ConfigError(f"loss.ranking_temperature: {self.ranking_temperature} must be > 0")
+        if self.ranking_scores not in ("sigmoid", "tail"):
+            raise ConfigError(f"loss.ranking_scores: {self.ranking_scores!r} must be 'sigmoid' or 'tail'")
+        if self.ranking_views not in ("both", "anchor"):
+            raise ConfigError(f"loss.ranking_views: {self.ranking_views!r} must be 'both' or 'anchor'")
+        if self.ranking_on not in ("samples", "means"):
+            raise ConfigError(f"loss.ranking_on: {self.ranking_on!r} must be 'samples' or 'means'")
+        if self.lift_frame not in ("camera", "body"):
+            raise ConfigError(f"loss.lift_frame: {self.lift_frame!r} must be 'camera' or 'body'")
+
 
 
 def a_to_raw(a: float) -> float:

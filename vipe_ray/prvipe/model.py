@@ -16,9 +16,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vipe_ray.config import LossConfig, ModelConfig
+from vipe_ray.errors import ConfigError
 from vipe_ray.prvipe.keypoints import NUM_JOINTS_3D, NUM_KEYPOINTS_2D
-from vipe_ray.prvipe.losses import MatchProbability
+from vipe_ray.prvipe.losses import LossConfig, MatchProbability
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Residual MLP backbone (Martinez-style) with a Gaussian embedding head."""
+
+    width: int = 1024
+    blocks: int = 2
+    dropout: float = 0.3
+    embedding_dim: int = 16
+    samples: int = 20
+    probabilistic: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("width", "embedding_dim", "samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: {getattr(self, name)} must be >= 1")
+        if self.blocks < 0:
+            raise ConfigError(f"model.blocks: {self.blocks} must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} must lie in [0, 1)")
+
 
 FEATURES_PER_POSE = NUM_KEYPOINTS_2D * 3
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from vipe_ray.prvipe.cameras import Orbits, render
-from vipe_ray.config import KeypointDropoutConfig
-from vipe_ray.prvipe.dropout import keypoint_visibility
-from vipe_ray.prvipe.keypoints import TORSO_2D, KeypointError, NUM_KEYPOINTS_2D, model_input, normalize_2d
+from vipe_ray.prvipe.cameras import Orbits, camera_frame, render
+from vipe_ray.prvipe.dropout import KeypointDropoutConfig, keypoint_visibility
+from vipe_ray.prvipe.keypoints import (TORSO_2D, KeypointError, NUM_KEYPOINTS_2D, body_frame, model_input, normalize_2d,
+                                      normalize_3d)
 
 
 def rendered_view(joints3d: torch.Tensor, orbits: Orbits) -> torch.Tensor:
@@ -54,3 +54,12 @@ def view_features(joints3d: torch.Tensor, orbits: Orbits, dropout: KeypointDropo
         features = torch.cat([features[..., :2 * NUM_KEYPOINTS_2D] + (noise * vis).flatten(-2),
                               features[..., 2 * NUM_KEYPOINTS_2D:]], dim=-1)
     return features
+
+
+def lift_target(joints3d: torch.Tensor, orbits: Orbits, frame: str = "camera") -> torch.Tensor:
+    """The 3D regression target of one view of each pose: ``[batch, 17, 3]`` world joints -> ``[batch, 17, 3]``
+    normalized joints (torso units, pelvis at the origin), in the view's camera frame (``camera``, the lifting
+    baseline's target) or in the pose's own body frame (``body``, the same for every view)."""
+    if frame == "body":
+        return body_frame(normalize_3d(joints3d.double())).float()
+    return normalize_3d(camera_frame(joints3d.double(), orbits)).float()

@@ -33,8 +33,10 @@ from vipe_ray import storage
 from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
 from vipe_ray.training.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
-from vipe_ray.training.loop import (CHECKPOINT, FORMAT, WeightAverage, build_model, build_optimizer, check_finite,
-                            check_resumable, rng_state, train_step, weight_average)
+from vipe_ray.evaluation.validation import PRVIPE_SCORE, validation_metrics
+from vipe_ray.training.checkpoint import CHECKPOINT, check_resumable
+from vipe_ray.training.loop import TrainState, checkpoint_payload, evaluated_model, run_steps, start_state
+from vipe_ray.training.step import train_step
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Scaling:
 
 
 #: The validation metric that ranks a run's checkpoints.
-BEST_METRIC = "val_hit@1"
+BEST_METRIC = PRVIPE_SCORE[0]
 
 
 @dataclass(frozen=True)
@@ -125,43 +127,6 @@ def worker_threads(cpus: float | None) -> int | None:
     if cpus is None:
         return None
     return max(1, int(cpus))
-
-
-@dataclass
-class TrainState:
-    """What a worker trains: the model (on its device), optimizer, LR schedule, batch generator and step."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    generator: torch.Generator
-    step: int
-    #: The weight average (``optim.ema``), kept by rank 0 only: the ranks' weights are equal after each step.
-    average: WeightAverage | None = None
-
-
-def start_state(config: TrainConfig, rank: int, device: torch.device | str, payload: dict | None = None) -> TrainState:
-    """A worker's training state on ``device``, fresh or from a checkpoint ``payload``.
-
-    The model moves to its device before the optimizer is built and its state loaded: ``load_state_dict``
-    puts the optimizer state on the parameters' device (loaded first, Adam's moments stayed on the CPU beside
-    CUDA parameters and a resumed GPU run failed at its first step). The batch generator stays on the CPU:
-    cameras, dropout and noise are drawn there and moved, so a GPU run draws what a CPU run draws.
-    """
-    torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
-    optimizer, scheduler = build_optimizer(config, model)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    step = 0
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step = payload["step"]
-        # Each worker's stream restarts from a seed of (seed, rank, step): distinct per worker, reproducible.
-        generator.manual_seed(config.seed * 1000 + rank + 7919 * step)
-    average = weight_average(config, model, payload) if rank == 0 else None
-    return TrainState(model, optimizer, scheduler, generator, step, average)
 
 
 def resumed_payload(directory: str, config: TrainConfig, data: dict) -> dict:
@@ -240,7 +205,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             payload = resumed_payload(directory, config, data)
-    state = start_state(config, rank, device, payload)
+    state = start_state(config, "prvipe", device, config.seed * 1000 + rank, payload, keep_average=rank == 0)
+    if payload is not None:
+        # Each worker's stream restarts from a seed of (seed, rank, step): distinct per worker, reproducible.
+        state.generator.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
     nodes = _all_ranks(ray.get_runtime_context().get_node_id(), world)
     worker = WorkerInfo(rank, world, nodes[rank], str(device), state.step)
     if payload is not None:
@@ -265,93 +233,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState, ddp_model: torch.nn.Module,
            shard: StreamedShard, val_table: PoseTable | None, worker: WorkerInfo, nodes: list[str],
            callbacks: list[WorkerCallback]) -> None:
-    """The steps, reports and checkpoints of :func:`train_loop_per_worker`."""
+    """The reports and checkpoints of :func:`train_loop_per_worker` around the training loop's steps."""
     import ray.train
 
-    model, optimizer, scheduler, generator = state.model, state.optimizer, state.scheduler, state.generator
-    step, total, batch = state.step, config.optim.steps, config.optim.batch_size
-    start, start_step = time.perf_counter(), step
+    total, batch = config.optim.steps, config.optim.batch_size
+    start, start_step = time.perf_counter(), state.step
     window: list[dict] = []
     # Local mode: the temporary directories of the best-scoring checkpoint and of the latest.
     score_metric, score_mode = loop_config.get("score", (BEST_METRIC, "max"))
     kept: dict[str, tuple[float, str]] = {}
-    while step < total:
-        window.append(train_step(ddp_model, optimizer, shard.sample(batch, generator), config, generator,
-                                 progress=step / total))
-        # Before the report or checkpoint of this step: a diverged run fails with its step, Ray Train ends the
-        # other workers, and the last checkpoint stays the last good one.
-        check_finite(window[-1], step + 1, f"worker {worker.rank}")
-        scheduler.step()
-        if state.average is not None:
-            state.average.update(model)
-        step += 1
+
+    def after_step(step: int, step_metrics: dict[str, float]) -> None:
+        window.append(step_metrics)
         for callback in callbacks:
             callback.on_step(worker, step)
-        if step % config.checkpoint_every == 0 or step == total:
-            metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-            window = []
-            # Poses/s of all workers since this (re)start: earlier reports' validation counts, this one's not.
-            rate = (step - start_step) * batch * worker.world / max(time.perf_counter() - start, 1e-9)
-            metrics.update(step=step, lr=scheduler.get_last_lr()[0], samples_per_s=rate,
-                           global_batch=batch * worker.world, worker_nodes=len(set(nodes)),
-                           peak_rss_mb=_peak_rss_mb(), **shard.stats())
-            ckpt = None
-            if worker.rank == 0:
-                if val_table is not None:
-                    # The weights that checkpoints are scored and deployed with: the average where kept.
-                    evaluated = state.average.model(model) if state.average is not None else model
-                    metrics.update(validation_metrics(evaluated, config, val_table,
-                                                      max_queries=loop_config.get("val_queries", 0)))
-                payload = {"format": FORMAT, "kind": "prvipe", "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "config": config_to_dict(config), "step": step, "data_checksum": data["checksum"],
-                           "data_path": data["path"], "rng": rng_state(generator), "metrics": metrics,
-                           "workers": [{"rank": r, "node_id": n} for r, n in enumerate(nodes)],
-                           "ema": state.average.state_dict() if state.average is not None else None}
-                ckpt = _write_checkpoint(payload)
-                if loop_config.get("on_report") is not None:
-                    loop_config["on_report"](step, metrics)
-            for callback in callbacks:
-                callback.on_report(worker, step, metrics)
-            # The temporary checkpoint directory is removed once uploaded to the run's storage. Local mode
-            # ignores the flag and uploads nothing: its latest directory is the Result's checkpoint, so only
-            # the one before it is removed here.
-            ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
-            if ckpt is not None and os.path.isdir(ckpt.path):
-                value = metrics.get(score_metric, math.nan) * (1 if score_mode == "max" else -1)
-                previous = dict(kept)
-                kept["latest"] = (value, ckpt.path)
-                if "best" not in kept or value > kept["best"][0]:  # NaN never replaces a best
-                    kept["best"] = (value, ckpt.path)
-                for _, path in previous.values():
-                    if path not in {p for _, p in kept.values()}:
-                        shutil.rmtree(path, ignore_errors=True)
+        if step % config.checkpoint_every != 0 and step != total:
+            return
+        metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        window.clear()
+        # Poses/s of all workers since this (re)start: earlier reports' validation counts, this one's not.
+        rate = (step - start_step) * batch * worker.world / max(time.perf_counter() - start, 1e-9)
+        metrics.update(step=step, lr=state.scheduler.get_last_lr()[0], samples_per_s=rate,
+                       global_batch=batch * worker.world, worker_nodes=len(set(nodes)),
+                       peak_rss_mb=_peak_rss_mb(), **shard.stats())
+        ckpt = None
+        if worker.rank == 0:
+            if val_table is not None:
+                metrics.update(validation_metrics(evaluated_model(state), config, val_table,
+                                                  max_queries=loop_config.get("val_queries", 0)))
+            ckpt = _write_checkpoint(checkpoint_payload(
+                state, config, "prvipe", data["checksum"], data["path"], metrics,
+                workers=[{"rank": r, "node_id": n} for r, n in enumerate(nodes)]))
+            if loop_config.get("on_report") is not None:
+                loop_config["on_report"](step, metrics)
+        for callback in callbacks:
+            callback.on_report(worker, step, metrics)
+        # The temporary checkpoint directory is removed once uploaded to the run's storage. Local mode
+        # ignores the flag and uploads nothing: its latest directory is the Result's checkpoint, so only
+        # the one before it is removed here.
+        ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+        if ckpt is not None and os.path.isdir(ckpt.path):
+            value = metrics.get(score_metric, math.nan) * (1 if score_mode == "max" else -1)
+            previous = dict(kept)
+            kept["latest"] = (value, ckpt.path)
+            if "best" not in kept or value > kept["best"][0]:  # NaN never replaces a best
+                kept["best"] = (value, ckpt.path)
+            for _, path in previous.values():
+                if path not in {p for _, p in kept.values()}:
+                    shutil.rmtree(path, ignore_errors=True)
 
-
-def validation_metrics(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
-                       max_queries: int = 0) -> dict[str, float]:
-    """Cross-view Hit@k of Pr-VIPE on validation subjects and validation rigs (``eval.val_rigs``, never the
-    evaluation rigs), averaged over the rigs: ``val_hit@k`` keys, with ``val_hit@k_se`` (standard error over
-    the queries, the largest over the rigs) and ``val_queries``. Queries every ``eval.val_every`` source
-    frames, at most ``max_queries`` (0: all)."""
-    from dataclasses import replace
-
-    from vipe_ray.evaluation.protocols import evaluate_rigs
-
-    model.eval()
-    # The clean protocol only: occlusion protocols cost ~20x more and belong to the final evaluation.
-    result = evaluate_rigs(model, config, table, progress=lambda _m: None,
-                           eval_config=replace(config.eval, rigs=config.eval.val_rigs, max_queries=max_queries,
-                                               every=config.eval.val_every, occlusion=False))
-    out: dict[str, float] = {"val_queries": float(result["queries"])}
-    for k in config.eval.ks:
-        values = [methods["prvipe"][f"hit@{k}"] for methods in result["rigs"].values()]
-        out[f"val_hit@{k}"] = float(np.mean(values))
-        out[f"val_hit@{k}_se"] = max(se["prvipe"][f"hit@{k}"] for se in result["se"].values())
-        for rig, methods in result["rigs"].items():
-            out[f"val_{rig}_hit@{k}"] = methods["prvipe"][f"hit@{k}"]
-            out[f"val_{rig}_nn2d_hit@{k}"] = methods["nn2d"][f"hit@{k}"]
-    return out
+    run_steps(state, ddp_model, train_step, shard.sample, config, f"worker {worker.rank}", after_step)
 
 
 def data_info(config: TrainConfig) -> dict:
