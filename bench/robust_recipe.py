@@ -47,7 +47,8 @@ import torch
 
 from vipe_ray.config import load_config, merge
 from vipe_ray.data import load_table
-from vipe_ray.evaluation.protocols import LIMBS, evaluate_rigs
+from vipe_ray.evaluation.protocols import evaluate_rigs
+from vipe_ray.evaluation.tables import LIMBS
 from vipe_ray.training.checkpoint import load_checkpoint
 from vipe_ray.training.loop import train
 from vipe_ray.training.step import lifter_limb_swap

@@ -11,9 +11,9 @@ import torch
 
 from vipe_ray.config import EVAL_OCCLUSION_GROUPS, ConfigError, load_config
 from vipe_ray.data import evaluation_rows, load_table
-from vipe_ray.evaluation.protocols import (
-    evaluate_rigs, format_markdown, format_table, hits_at_k, pairwise_procrustes_2d, pattern_visibility, resolve_rig, retrieval_objective,
-)
+from vipe_ray.evaluation.protocols import evaluate_rigs, pattern_visibility, resolve_rig
+from vipe_ray.evaluation.retrieval import hits_at_k, pairwise_procrustes_2d
+from vipe_ray.evaluation.tables import format_markdown, format_table, retrieval_objective
 from vipe_ray.prvipe.keypoints import COCO13_KEYPOINTS, OCCLUSION_GROUPS
 from vipe_ray.training.checkpoint import build_model
 
@@ -118,14 +118,15 @@ def test_protocol_on_real_subject(tiny_overrides):
 def test_paired_difference_by_hand():
     """Per-query hits averaged over the camera pairs, then differenced query by query: mean and its standard
     error over the queries (here two camera pairs, four queries)."""
-    from vipe_ray.evaluation.protocols import _average, format_markdown
+    from vipe_ray.evaluation.protocols import average_pairs
+    from vipe_ray.evaluation.tables import format_markdown
 
     pair_a = {"prvipe": {"hit@1": torch.tensor([1.0, 1.0, 0.0, 1.0])},
               "lift3d": {"hit@1": torch.tensor([1.0, 0.0, 0.0, 1.0])}}
     pair_b = {"prvipe": {"hit@1": torch.tensor([1.0, 0.0, 0.0, 1.0])},
               "lift3d": {"hit@1": torch.tensor([1.0, 0.0, 1.0, 1.0])}}
     se, paired = {}, {}
-    out = _average([pair_a, pair_b], se=se, paired=paired)
+    out = average_pairs([pair_a, pair_b], se=se, paired=paired)
     # Per query: Pr-VIPE (1, 0.5, 0, 1), lifting (1, 0, 0.5, 1); differences (0, 0.5, -0.5, 0).
     assert out["prvipe"]["hit@1"] == pytest.approx(0.625) and out["lift3d"]["hit@1"] == pytest.approx(0.625)
     differences = torch.tensor([0.0, 0.5, -0.5, 0.0], dtype=torch.float64)

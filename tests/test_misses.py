@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vipe_ray.evaluation.protocols import format_markdown, format_table
+from vipe_ray.evaluation.tables import format_markdown, format_table
 from vipe_ray.evaluation.misses import exclusive_hits, miss_profile, miss_report
 
 

@@ -91,6 +91,17 @@ def _expected(values: list[float]) -> tuple[float, float, float]:
 
 
 @pytest.mark.timeout(900)
+def test_a_trials_extras_ask_for_one_training_workers_cpus_and_gpus():
+    from vipe_ray.platform.study import extras_resources
+    from vipe_ray.training.ray_train import Scaling
+
+    assert extras_resources(Scaling(num_workers=2, cpus_per_worker=3)) == {"num_cpus": 3, "num_gpus": 0.0}
+    assert extras_resources(Scaling(num_workers=1, cpus_per_worker=4, use_gpu=True)) == {"num_cpus": 4,
+                                                                                         "num_gpus": 1.0}
+    shared = Scaling(num_workers=1, cpus_per_worker=2, use_gpu=True, gpus_per_worker=0.5)
+    assert extras_resources(shared) == {"num_cpus": 2, "num_gpus": 0.5}
+
+
 def test_miniature_study_reports_the_mlflow_runs_numbers(tmp_path):
     import mlflow
 
@@ -114,6 +125,8 @@ def test_miniature_study_reports_the_mlflow_runs_numbers(tmp_path):
     assert {"report/report.md", "report/configs.yaml", "report/hit_at_1_per_variant.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     for child in children:
+        # The lifter and the test evaluation ran in a task holding one training worker's CPUs.
+        assert child.data.tags["extras_resources"] == '{"num_cpus": 0.49, "num_gpus": 0.0}'
         assert {"plots/hit_at_k.png", "plots/retrievals.png"} <= {
             a.path for a in client.list_artifacts(child.info.run_id, "plots")}, "each trial logs its own plots"
 

@@ -34,6 +34,8 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+# Each command imports what it runs: `vipe-ray convert` forks its worker processes before torch (and its
+# thread pools) is ever loaded, and `--help` answers at once.
 def cmd_convert(args: argparse.Namespace) -> int:
     from vipe_ray.mocap.convert import convert_directory
     from vipe_ray.mocap.errors import MocapFormatError
@@ -97,7 +99,8 @@ def evaluation_split(args: argparse.Namespace, config, own_table: bool, table_su
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.data import load_table
-    from vipe_ray.evaluation.protocols import evaluate_rigs, format_markdown, format_table, write_json
+    from vipe_ray.evaluation.protocols import evaluate_rigs
+    from vipe_ray.evaluation.tables import format_markdown, format_table, write_json
     from vipe_ray.evaluation.ledger import count_evaluations, ledger_path, record_test_evaluation
     from vipe_ray.storage import same_location
     from vipe_ray.training.checkpoint import load_checkpoint

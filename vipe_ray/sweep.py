@@ -46,9 +46,11 @@ from vipe_ray.platform.study_spec import is_study, load_study  # noqa: E402
 from vipe_ray.platform.sweep_spec import (SweepConfig, base_values, load_sweep, parse_resources,  # noqa: E402
                                           trial_config)
 from vipe_ray.platform.tune_driver import run_sweep  # noqa: E402
+# Tune state saved before the platform modules (a sweep to --resume) names these two here.
+from vipe_ray.platform.tune_driver import TrialFinisher, run_trial  # noqa: E402,F401
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vipe_ray.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="sweep YAML (see sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue the latest interrupted run of this sweep")
@@ -63,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                              "autoscaler's limits); trials that fit only then wait for the autoscaler")
     parser.add_argument("--report", action="store_true",
                         help="studies only: rewrite the latest run's report from MLflow (no training)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.report and args.resume:
         parser.error("--report and --resume: choose one")

@@ -4,7 +4,7 @@ The test subjects decide nothing (validation does); the ledger makes every look 
 test number can be read with how many times the test split was used before it. ``vipe-ray evaluate --split
 test`` appends to it. Each line: date (UTC), commit (and whether the checkout had uncommitted changes),
 config sha256, command, checkpoint and its step, subjects, rigs, and the headline Hit@1 per rig and method.
-Sweeps (their best trial) and studies (every trial) test through :func:`vipe_ray.sweep.test_metrics`, which
+Sweeps (their best trial) and studies (every trial) test through :func:`vipe_ray.platform.mlflow_runs.test_metrics`, which
 records there too; a Ray worker on another machine writes the ledger of its own copy of the code.
 """
 

@@ -52,12 +52,9 @@ floor, and compare seeds (``vipe_ray.platform.study``) before calling a differen
 from __future__ import annotations
 
 import copy
-import json
 import math
-import textwrap
 import time
 import zlib
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -71,80 +68,12 @@ from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, model_input
 from vipe_ray.prvipe.losses import MatchProbability, kernel_distance
 from vipe_ray.prvipe.matching import pairwise_np_mpjpe
 from vipe_ray.evaluation.misses import miss_report
+from vipe_ray.evaluation.retrieval import nearest, pairwise_procrustes_2d, ranked_hits
 from vipe_ray.evaluation.stats import standard_error
 from vipe_ray.prvipe.views import rendered_view
 
 METHODS = ("prvipe", "prvipe_mean", "nn2d", "lift3d")
 INDEX_MODES = ("clean", "occluded")
-
-
-@torch.no_grad()
-def pairwise_procrustes_2d(queries: torch.Tensor, index: torch.Tensor, query_visible: torch.Tensor | None = None,
-                           index_visible: torch.Tensor | None = None, chunk_pairs: int = 1 << 17) -> torch.Tensor:
-    """2D similarity-Procrustes distance of every pair: ``[n, 13, 2] x [m, 13, 2] -> [n, m]``.
-
-    Each index pose is aligned (rotation, isotropic scale, translation; no reflection) onto the query using
-    the keypoints visible in both (``query_visible`` ``[n, 13]``, ``index_visible`` ``[m, 13]`` bool; default
-    all), then the Euclidean errors over those keypoints are averaged. Pairs sharing fewer than two visible
-    keypoints get ``inf``.
-    """
-    n, m = queries.shape[0], index.shape[0]
-    vq = torch.ones(queries.shape[:2], dtype=queries.dtype) if query_visible is None else query_visible.to(queries.dtype)
-    vx = torch.ones(index.shape[:2], dtype=index.dtype) if index_visible is None else index_visible.to(index.dtype)
-    q, x = queries * vq[..., None], index * vx[..., None]
-    out = torch.empty(n, m, dtype=queries.dtype)
-    rows = max(1, chunk_pairs // max(m, 1))
-    for start in range(0, n, rows):
-        qc, vqc = q[start:start + rows], vq[start:start + rows]  # [r, J, 2], [r, J]
-        # Weighted sums over the common keypoints w = vq * vx, all separable into matrix products.
-        w = vqc @ vx.T  # [r, m] common keypoints
-        sq = torch.einsum("rjc,mj->rmc", qc, vx)
-        sx = torch.einsum("rj,mjc->rmc", vqc, x)
-        wsafe = w.clamp_min(1)[..., None]
-        mq, mx = sq / wsafe, sx / wsafe  # [r, m, 2] centroids over the common keypoints
-        dot = torch.einsum("rjc,mjc->rm", qc, x) - w * (mq * mx).sum(-1)
-        cross = (torch.einsum("rj,mj->rm", qc[..., 1], x[..., 0]) - torch.einsum("rj,mj->rm", qc[..., 0], x[..., 1])
-                 - w * (mq[..., 1] * mx[..., 0] - mq[..., 0] * mx[..., 1]))
-        x_norm = (torch.einsum("rj,mj->rm", vqc, (x ** 2).sum(-1)) - w * (mx ** 2).sum(-1)).clamp_min(1e-12)
-        norm = torch.sqrt(dot ** 2 + cross ** 2).clamp_min(1e-12)
-        cos, sin, scale = dot / norm, cross / norm, norm / x_norm
-        xc = x[None] - mx[:, :, None, :]  # [r, m, J, 2]
-        xr = torch.stack([cos[..., None] * xc[..., 0] - sin[..., None] * xc[..., 1],
-                          sin[..., None] * xc[..., 0] + cos[..., None] * xc[..., 1]], dim=-1) * scale[..., None, None]
-        err = torch.linalg.vector_norm(xr - (qc[:, None] - mq[:, :, None, :]), dim=-1)  # [r, m, J]
-        common = vqc[:, None, :] * vx[None, :, :]
-        d = (err * common).sum(-1) / wsafe[..., 0]
-        out[start:start + rows] = torch.where(w >= 2, d, torch.full_like(d, math.inf))
-    return out
-
-
-def query_hits(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Per-query hits at each k: ``{"hit@k": [queries] float (1 = hit)}``.
-
-    Args:
-        distance: ``[queries, index]``, smaller = more similar; ``inf`` = never retrieved (a query whose
-            row is all ``inf`` misses at every k).
-        match3d: ``[queries, index]`` bool, index pose matches the query's 3D.
-    """
-    return ranked_hits(nearest(distance, ks), match3d, ks)
-
-
-def nearest(distance: torch.Tensor, ks: tuple[int, ...]):
-    """The ``max(ks)`` nearest index poses of each query, nearest first (``topk`` of ``[queries, index]``)."""
-    return distance.topk(min(max(ks), distance.shape[1]), dim=1, largest=False)
-
-
-def ranked_hits(top, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """:func:`query_hits` from the queries' :func:`nearest` index poses."""
-    kmax = top.indices.shape[1]
-    hit = match3d.gather(1, top.indices) & torch.isfinite(top.values)  # [queries, kmax]
-    first = torch.cumsum(hit.int(), dim=1) > 0
-    return {f"hit@{k}": first[:, min(k, kmax) - 1].float() for k in ks}
-
-
-def hits_at_k(distance: torch.Tensor, match3d: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """Hit@k (fraction of queries) from a retrieval distance ``[queries, index]`` and the 3D match table."""
-    return {key: hits.mean().item() for key, hits in query_hits(distance, match3d, ks).items()}
 
 
 def resolve_rig(rig: str) -> tuple[str, tuple[OrbitCamera, ...]]:
@@ -242,7 +171,7 @@ def _generator(seed: int, rig: str, camera: int, protocol: str) -> torch.Generat
 PAIRED = (("prvipe", "lift3d"), ("prvipe", "nn2d"))
 
 
-def _average(per_pair: list[dict[str, dict[str, torch.Tensor]]], se: dict | None = None,
+def average_pairs(per_pair: list[dict[str, dict[str, torch.Tensor]]], se: dict | None = None,
              paired: dict | None = None) -> dict[str, dict[str, float]]:
     """Hit@k over queries and camera pairs; with ``se``, also fill it with each value's standard error over
     queries (a query's hits averaged over the pairs is one observation: the queries are the sample); with
@@ -310,7 +239,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
         tops = [{} for _ in pairs]
         per_pair = [_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods, top1=top)
                     for (i, j), top in zip(pairs, tops)]
-        result["rigs"][name] = _average(per_pair, se=result["se"].setdefault(name, {}),
+        result["rigs"][name] = average_pairs(per_pair, se=result["se"].setdefault(name, {}),
                                         paired=result["paired"].setdefault(name, {}))
         result["misses"][name] = miss_report({m: torch.stack([t[m] for t in tops]) for m in methods}, error3d,
                                              ev.kappa, tuple(p for p in PAIRED if all(m in methods for m in p)))
@@ -320,7 +249,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
             continue
         ring = [(i, (i + 1) % len(cameras)) for i in range(len(cameras))]
         # The reference for the occlusion rows: clean queries on the same ring of camera pairs.
-        on_ring = _average([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods) for i, j in ring])
+        on_ring = average_pairs([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods) for i, j in ring])
         occluded_result: dict = {"none": {"clean": on_ring, "occluded": on_ring}}
         invalid: dict = {}
         for pattern in occlusion_patterns(ev):
@@ -331,9 +260,9 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                 occluded.append(_view(model, lifter, p, pattern_visibility(pattern, len(rows), g), k, probabilistic, g))
             invalid[pattern] = float(torch.stack([~v["valid"] for v in occluded]).float().mean())
             occluded_result[pattern] = {
-                "clean": _average([_pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
+                "clean": average_pairs([_pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
                                    for i, j in ring]),
-                "occluded": _average([_pair_hits(occluded[i], occluded[j], match, match3d, ev.ks, methods)
+                "occluded": average_pairs([_pair_hits(occluded[i], occluded[j], match, match3d, ev.ks, methods)
                                       for i, j in ring]),
             }
         result["occlusion"][name] = occluded_result
@@ -342,192 +271,3 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
                  f"({time.perf_counter() - start:.0f} s)")
     result["seconds"] = time.perf_counter() - start
     return result
-
-
-def format_table(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
-    """Plain-text tables: Hit@k (percent) per rig and method, then Hit@1 per occlusion protocol."""
-    width = max([7] + [len(r) for r in result["rigs"]])
-    header = f"{'rig':<{width}} {'method':<12}" + "".join(f"{'Hit@' + str(k):>9}" for k in ks)
-    lines = [header, "-" * len(header)]
-    for rig, methods in result["rigs"].items():
-        for method in METHODS:
-            if method in methods:
-                cells = "".join(f"{100 * methods[method][f'hit@{k}']:>9.1f}" for k in ks)
-                lines.append(f"{rig:<{width}} {method:<12}{cells}")
-    differences = _paired_rows(result, ks)
-    if differences:
-        lines += ["", "paired differences (points, +- standard error over queries)"]
-        lines += [f"{rig:<{width}} {name:<20} " + "  ".join(cells) for rig, name, cells in differences]
-    legend, per_method, exclusive = _miss_tables(result)
-    if per_method:
-        lines += [""] + textwrap.wrap(legend, 110)
-        for rows, columns in ((per_method, MISS_COLUMNS), (exclusive, EXCLUSIVE_COLUMNS)):
-            names = max([len("method")] + [len(name) for _, name, _ in rows])
-            header = f"{'rig':<{width}} {'method':<{names}}" + "".join(f"{h:>15}" for h in columns)
-            lines += ["", header, "-" * len(header)]
-            lines += [f"{rig:<{width}} {name:<{names}}" + "".join(f"{c:>15}" for c in cells)
-                      for rig, name, cells in rows]
-    occlusion = result.get("occlusion") or {}
-    if any(occlusion.values()):
-        methods = [m for m in METHODS if m in next(iter(result["rigs"].values()))]
-        header = (f"{'rig':<{width}} {'occlusion (Hit@1)':<24} {'index':<9}" + "".join(f"{m:>12}" for m in methods)
-                  + f"{'no embedding':>14}")
-        lines += ["", header, "-" * len(header)]
-        for rig, patterns in occlusion.items():
-            for pattern, modes in patterns.items():
-                lost = result.get("invalid", {}).get(rig, {}).get(pattern, 0.0)
-                for mode, per_method in modes.items():
-                    cells = "".join(f"{100 * per_method[m]['hit@1']:>12.1f}" for m in methods)
-                    lines.append(f"{rig:<{width}} {pattern:<24} {mode:<9}{cells}{100 * lost:>13.1f}%")
-    return "\n".join(lines)
-
-
-def _paired_rows(result: dict, ks: tuple[int, ...]) -> list[tuple[str, str, list[str]]]:
-    """(rig, "Pr-VIPE - lifting", ["+1.2 +- 0.8", ...]) per rig and pair of the result's ``paired`` block."""
-    names = {"prvipe-lift3d": "Pr-VIPE - lifting", "prvipe-nn2d": "Pr-VIPE - 2D-NN"}
-    return [(rig, names.get(pair, pair), [f"{100 * d[f'hit@{k}']['mean']:+.1f} +- {100 * d[f'hit@{k}']['se']:.1f}"
-                                          for k in ks])
-            for rig, pairs in (result.get("paired") or {}).items() for pair, d in pairs.items()]
-
-
-#: Column titles of the two miss tables: per method (:func:`vipe_ray.evaluation.misses.miss_profile`), and Pr-VIPE
-#: against each baseline (:func:`vipe_ray.evaluation.misses.exclusive_hits`; "only" = only that method hits).
-MISS_COLUMNS = ("missed", "near misses", "top-1 error", "matches")
-EXCLUSIVE_COLUMNS = ("both hit", "only Pr-VIPE", "only baseline", "neither")
-
-
-def _miss_tables(result: dict) -> tuple[str, list[tuple[str, str, list[str]]], list[tuple[str, str, list[str]]]]:
-    """A legend and the (rig, row name, cells) rows of the ``misses`` block's two tables.
-
-    Per method: its misses (% of queries over the camera pairs), the share of those that are near misses, their
-    median top-1 NP-MPJPE, and the median matches of the missed queries (first row: of all queries). Per
-    baseline: the shares of queries both Pr-VIPE and it hit, only one of them, or neither."""
-    per_method, exclusive = [], []
-    near = 0.0
-    for rig, report in (result.get("misses") or {}).items():
-        near = report["near"]
-        per_method.append((rig, "all queries", ["", "", "", f"{report['matches']:.0f}"]))
-        for method in METHODS:
-            if method in report["methods"]:
-                m = report["methods"][method]
-                per_method.append((rig, METHOD_NAMES[method], [
-                    f"{100 * m['miss']:.1f}%", _percent(m["near_miss"]), _number(m["miss_error"], ".3f"),
-                    _number(m["miss_matches"], ".0f")]))
-        for pair, shares in report["exclusive"].items():
-            a, b = pair.split("-")
-            exclusive.append((rig, f"{_SHORT[a]} vs {_SHORT[b]}",
-                              [f"{100 * shares[k]:.1f}%" for k in ("both", f"only_{a}", f"only_{b}", "neither")]))
-    legend = (f"where Hit@1 misses: missed = share of queries (over the camera pairs); near misses = share of the "
-              f"misses whose top-1 pose is within {near:g} x kappa of the query; top-1 error = their median "
-              f"NP-MPJPE; matches = median index poses within kappa (the query's own included) of the missed "
-              f"queries, and of all queries")
-    return legend, per_method, exclusive
-
-
-def _percent(share: float) -> str:
-    return "-" if math.isnan(share) else f"{100 * share:.0f}%"
-
-
-def _number(value: float, spec: str) -> str:
-    return "-" if math.isnan(value) else format(value, spec)
-
-
-_SHORT = {"prvipe": "Pr-VIPE", "prvipe_mean": "Pr-VIPE means", "nn2d": "2D-NN", "lift3d": "lifting"}
-
-
-METHOD_NAMES = {"prvipe": "Pr-VIPE (-log P over samples)", "prvipe_mean": "Pr-VIPE (embedding means)",
-                "nn2d": "2D nearest neighbour (Procrustes)", "lift3d": "3D lifting + NP-MPJPE"}
-
-
-def format_markdown(result: dict, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
-    """Markdown tables of a result: Hit@k per rig and method, then Hit@1 per occlusion protocol (rows) and
-    rig x method (columns), with the largest share of queries without an embedding over the rigs."""
-    lines = ["| rig | method | " + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for rig, methods in result["rigs"].items():
-        for method in METHODS:
-            if method in methods:
-                cells = " | ".join(f"{100 * methods[method][f'hit@{k}']:.1f}" for k in ks)
-                lines.append(f"| {rig} | {METHOD_NAMES[method]} | {cells} |")
-    differences = _paired_rows(result, ks)
-    if differences:
-        lines += ["", "| rig | paired difference (points, +- standard error over queries) | "
-                  + " | ".join(f"Hit@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-        lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in differences]
-    legend, per_method, exclusive = _miss_tables(result)
-    if per_method:
-        lines += ["", legend[0].upper() + legend[1:] + "."]
-        for rows, columns in ((per_method, MISS_COLUMNS), (exclusive, EXCLUSIVE_COLUMNS)):
-            lines += ["", "| rig | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-            lines += [f"| {rig} | {name} | " + " | ".join(cells) + " |" for rig, name, cells in rows]
-    occlusion = {rig: patterns for rig, patterns in (result.get("occlusion") or {}).items() if patterns}
-    if occlusion:
-        methods = [m for m in ("prvipe", "nn2d", "lift3d") if m in next(iter(result["rigs"].values()))]
-        columns = [(rig, m) for rig in occlusion for m in methods]
-        short = _SHORT
-        lines += ["", "| occlusion (Hit@1) | index | " + " | ".join(f"{rig} {short[m]}" for rig, m in columns)
-                  + " | no embedding |", "|---|---|" + "---|" * (len(columns) + 1)]
-        first = next(iter(occlusion.values()))
-        for pattern in sorted(first, key=lambda name: name != "none"):  # the clean reference row first
-            lost = [result.get("invalid", {}).get(rig, {}).get(pattern, 0.0) for rig in occlusion]
-            for mode in (INDEX_MODES if pattern != "none" else ("clean",)):
-                cells = " | ".join(f"{100 * occlusion[rig][pattern][mode][m]['hit@1']:.1f}" for rig, m in columns)
-                lines.append(f"| {pattern} | {mode} | {cells} | {100 * max(lost):.1f}% |")
-    return "\n".join(lines)
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-
-
-LIMBS = ("group:left_arm", "group:right_arm", "group:left_leg", "group:right_leg")
-
-
-def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
-    """A result as flat metric names: ``{prefix}{rig}/{method}/hit@k`` (clean), ``{prefix}{rig}/{a}-{b}/hit@k``
-    (paired differences), ``{prefix}{rig}/misses/{method or pair}/{key}`` (where Hit@1 misses),
-    ``{prefix}{rig}/{pattern}/{index}/{method}/hit@1`` (occlusion), ``{prefix}{rig}/{method}/hit@k_se``,
-    and the summaries ``{prefix}hit@k`` (Pr-VIPE over the rigs) and ``{prefix}hit@1_1limb`` (Pr-VIPE, one
-    limb hidden, clean index, over the limbs and rigs); the lifter and 2D-NN get ``{prefix}{method}_hit@k``."""
-    out: dict[str, float] = {}
-    for rig, methods in result["rigs"].items():
-        for method, hits in methods.items():
-            for key, value in hits.items():
-                out[f"{prefix}{rig}/{method}/{key}"] = value
-                se = result.get("se", {}).get(rig, {}).get(method, {}).get(key)
-                if se is not None:
-                    out[f"{prefix}{rig}/{method}/{key}_se"] = se
-    for rig, pairs in (result.get("paired") or {}).items():
-        for pair, hits in pairs.items():
-            for key, value in hits.items():
-                out[f"{prefix}{rig}/{pair}/{key}"] = value["mean"]
-                out[f"{prefix}{rig}/{pair}/{key}_se"] = value["se"]
-    for rig, report in (result.get("misses") or {}).items():
-        for group in ("methods", "exclusive"):
-            for name, values in report[group].items():
-                out.update({f"{prefix}{rig}/misses/{name}/{key}": value for key, value in values.items()
-                            if not math.isnan(value)})
-    for rig, patterns in (result.get("occlusion") or {}).items():
-        for pattern, modes in patterns.items():
-            for mode, methods in modes.items():
-                if pattern == "none" and mode == "occluded":
-                    continue  # the same numbers as the clean index
-                for method, hits in methods.items():
-                    out[f"{prefix}{rig}/{pattern}/{mode}/{method}/hit@1"] = hits["hit@1"]
-    rigs = list(result["rigs"])
-    for method in next(iter(result["rigs"].values())):
-        name = "" if method == "prvipe" else f"{method}_"
-        for key in next(iter(result["rigs"].values()))[method]:
-            out[f"{prefix}{name}{key}"] = sum(result["rigs"][r][method][key] for r in rigs) / len(rigs)
-        occlusion = result.get("occlusion") or {}
-        limbs = [occlusion[r][p]["clean"][method]["hit@1"] for r in occlusion for p in LIMBS if p in occlusion[r]]
-        if limbs:
-            out[f"{prefix}{name}hit@1_1limb"] = sum(limbs) / len(limbs)
-    return out
-
-
-def retrieval_objective(result: dict, metric: str = "hit@1") -> float:
-    """Mean of a Pr-VIPE Hit@k over the rigs (the sweeps' default objective)."""
-    values = [methods["prvipe"][metric] for methods in result["rigs"].values()]
-    return float(sum(values) / len(values)) if values else math.nan

@@ -23,7 +23,8 @@ from vipe_ray import log
 from vipe_ray.config import TrainConfig, config_to_dict, flatten
 from vipe_ray.data import load_table
 from vipe_ray.evaluation.ledger import record_test_evaluation
-from vipe_ray.evaluation.protocols import evaluate_rigs, flat_metrics
+from vipe_ray.evaluation.protocols import evaluate_rigs
+from vipe_ray.evaluation.tables import flat_metrics
 from vipe_ray.platform.log_filters import quiet_optuna_plots
 from vipe_ray.platform.sweep_spec import Param, SweepConfig
 from vipe_ray.platform.tracking import (DESCRIPTION_TAG, git_commit, hit_plot, log_figure, log_model,
@@ -119,7 +120,7 @@ def _load(checkpoint: Location):
 def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False,
                  command: str = ""):
     """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
-    flattened for MLflow (:func:`vipe_ray.evaluation.protocols.flat_metrics`, prefix ``test/``); with ``with_result``,
+    flattened for MLflow (:func:`vipe_ray.evaluation.tables.flat_metrics`, prefix ``test/``); with ``with_result``,
     also the full result. ``checkpoint``: a local path or an object-store URI. The evaluation is recorded in
     the test ledger (:mod:`vipe_ray.evaluation.ledger`) under ``command``."""
     ckpt = _load(location(checkpoint))

@@ -12,7 +12,9 @@ When a trial's training ends, the trial
    (every rig, every occlusion protocol; temporal windows for a temporal variant) -- a retrieval hits when
    the 3D NP-MPJPE is at most ``eval.kappa`` for every variant, whatever kappa it was trained with;
 2. for the reference variant with ``baselines: true``, trains the 3D-lifting baseline with the same config
-   and seed (same data, views, dropout and steps) and evaluates it beside Pr-VIPE and 2D-NN;
+   and seed (same data and views, its own recipe: the config's ``lifter`` section), keeps its
+   best-validation checkpoint and evaluates it beside Pr-VIPE and 2D-NN. Steps 1-2 run in a Ray task that
+   asks for one training worker's CPUs and GPUs (:func:`extras_resources`), on that task's device;
 3. logs the test metrics (``test/...``), the retrieval JSON, the model and its plots on its MLflow run.
 
 After the grid, :mod:`vipe_ray.platform.study_report` reads the runs back from MLflow, aggregates per variant and
@@ -27,10 +29,12 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 import ray
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -46,8 +50,8 @@ from vipe_ray.platform.tracking import (DESCRIPTION_TAG, default_tracking_uri, e
 from vipe_ray.platform.tune_driver import latest_run_dir, launched, unfinished_trials
 from vipe_ray.storage import location
 from vipe_ray.training.checkpoint import load_checkpoint
-from vipe_ray.training.loop import train_lifter
-from vipe_ray.training.ray_train import BEST_METRIC, data_info, fit
+from vipe_ray.training.loop import default_device, train_lifter
+from vipe_ray.training.ray_train import BEST_METRIC, Scaling, data_info, fit
 
 
 def run_study_trial(params: dict, settings: dict) -> None:
@@ -72,20 +76,59 @@ def run_study_trial(params: dict, settings: dict) -> None:
     try:
         with best.as_directory() as directory:
             shutil.copy(Path(directory) / "checkpoint.pt", work / "checkpoint.pt")
-        lifter = None
-        if study.baselines and variant == study.reference:
-            log(f"[study] {variant} seed {seed}: training the 3D-lifting baseline ({config.optim.steps} steps)")
-            train_lifter(config, work, progress=lambda _m: None)
-            lifter = load_checkpoint(work, kind="lifter").model
-        log(f"[study] {variant} seed {seed}: testing step {load_checkpoint(work).step} on subjects "
-            f"{list(config.data.test_subjects)}")
+        baseline = study.baselines and variant == study.reference
+        command = f"study {study.path}: {variant} seed {seed}"
+        log(f"[study] {variant} seed {seed}: {'training the 3D-lifting baseline and ' if baseline else ''}testing "
+            f"step {load_checkpoint(work).step} on subjects {list(config.data.test_subjects)}")
         start = time.perf_counter()
-        metrics, full = test_metrics(str(work / "checkpoint.pt"), lifter, with_result=True,
-                                     command=f"study {study.path}: {variant} seed {seed}")
+        if study.resources.num_workers == 0:
+            # Local mode: this trial already holds the CPUs its training used; the extras run here on them.
+            client.set_tag(run_id, "extras_resources", "the trial's own")
+            metrics, full = trial_extras(str(work / "checkpoint.pt"), baseline, command)
+        else:
+            # Ray Train's workers are gone: the extras ask Ray for what one of them held, on any node.
+            asked = extras_resources(study.resources)
+            client.set_tag(run_id, "extras_resources", json.dumps(asked, sort_keys=True))
+            task = ray.remote(remote_trial_extras).options(**asked)
+            metrics, full = ray.get(task.remote((work / "checkpoint.pt").read_bytes(), baseline, command))
         log_metrics(client, run_id, metrics)
         client.log_dict(run_id, full, "test_retrieval.json")
         client.set_tag(run_id, "test_seconds", f"{time.perf_counter() - start:.0f}")
         finalize_trial(client, run_id, str(work / "checkpoint.pt"), "FINISHED", study.validation_queries)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def extras_resources(resources: Scaling) -> dict[str, float]:
+    """What a trial's work besides Ray Train (the lifting baseline, the test evaluation) asks Ray for: the
+    CPUs and GPUs of one of its training workers."""
+    return {"num_cpus": resources.cpus_per_worker, "num_gpus": resources.gpus}
+
+
+def trial_extras(checkpoint: str, baseline: bool, command: str) -> tuple[dict, dict]:
+    """Train the lifting baseline beside a trial's best Pr-VIPE ``checkpoint`` (with ``baseline``; on this
+    process's device, keeping its best-validation checkpoint) and test both; returns (test metrics, the
+    full result). The test evaluation is recorded in this node's test ledger under ``command``."""
+    lifter = None
+    if baseline:
+        config = load_checkpoint(checkpoint).config
+        # Validated at every checkpoint: the baseline is tested at its best, as Pr-VIPE is.
+        config = replace(config, val_every=config.val_every or config.checkpoint_every)
+        work = Path(checkpoint).parent
+        train_lifter(config, work, progress=lambda _m: None, device=default_device())
+        lifter = load_checkpoint(work, kind="lifter").model
+    return test_metrics(checkpoint, lifter, with_result=True, command=command)
+
+
+def remote_trial_extras(checkpoint: bytes, baseline: bool, command: str) -> tuple[dict, dict]:
+    """:func:`trial_extras` in a Ray task holding :func:`extras_resources`: torch uses its CPUs (and the GPU Ray
+    gave it, where it asked for one)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    torch.set_num_threads(max(1, int(cpus or 1)))
+    work = Path(tempfile.mkdtemp(prefix="vipe-study-extras-"))
+    try:
+        (work / "checkpoint.pt").write_bytes(checkpoint)
+        return trial_extras(str(work / "checkpoint.pt"), baseline, command)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

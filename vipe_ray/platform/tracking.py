@@ -17,11 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.models import infer_signature
 from torch import nn
 
 from vipe_ray import REPO_ROOT
 from vipe_ray.config import TrainConfig
+from vipe_ray.data import evaluation_rows, window_rows
+from vipe_ray.evaluation.protocols import resolve_rig
+from vipe_ray.prvipe.cameras import Orbits
 from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, KeypointError, model_input, pose_features
+from vipe_ray.prvipe.matching import pairwise_np_mpjpe
+from vipe_ray.prvipe.views import normalized_view
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -145,7 +151,6 @@ def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tens
     the batch dimension stays dynamic (the example has more than one pose). Loading returns the exported
     module, called like the embedder: keypoints ``[batch, 13, 2]`` -> ``[batch, 2 * D]``.
     """
-    from mlflow.models import infer_signature
 
     embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
@@ -193,11 +198,6 @@ def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, q
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vipe_ray.prvipe.cameras import Orbits
-    from vipe_ray.data import evaluation_rows, window_rows
-    from vipe_ray.evaluation.protocols import resolve_rig
-    from vipe_ray.prvipe.matching import pairwise_np_mpjpe
-    from vipe_ray.prvipe.views import normalized_view
 
     rows = evaluation_rows(table, config.eval.every, 200)
     frames, stride = config.temporal.window, config.temporal.stride

@@ -44,6 +44,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import ray.data
+from ray.data import RandomSeedConfig
+from ray.data.expressions import col
 import torch
 
 from vipe_ray import log, storage
@@ -72,7 +76,6 @@ SCAN_FILTER_MAX_ROW_GROUP = 65536
 
 def largest_row_group(path: str | Path) -> int:
     """Rows of the largest Parquet row group of a table (a file, a directory of files or a URI)."""
-    import pyarrow.dataset as pds
 
     table = storage.location(path)
     sizes = [fragment.metadata.row_group(i).num_rows
@@ -105,9 +108,6 @@ def _keep_subjects(batch: pa.Table, subjects: list[str]) -> pa.Table:
 def pose_dataset(path: str | Path, subjects: tuple[str, ...] | list[str], seed: int = 0):
     """A Ray Dataset of the table's rows for ``subjects`` (columns subject, clip, frame, joints3d) in pieces
     of about :data:`PIECE_ROWS` consecutive rows, the pieces in a random order (reseeded every epoch)."""
-    import ray.data
-    from ray.data import RandomSeedConfig
-    from ray.data.expressions import col
 
     if not subjects:
         raise ValueError(f"{path}: no subjects to read")

@@ -28,11 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from vipe_ray import storage
-from vipe_ray.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
+from vipe_ray.config import ConfigError, TrainConfig, config_from_dict
 from vipe_ray.data import PoseTable, SOURCE_FPS, file_sha256, read_metadata
-from vipe_ray.training.ingest import DATA_TASK_CPUS, StreamedShard, dataset_to_table, pose_dataset  # noqa: F401
+from vipe_ray.training.ingest import StreamedShard, dataset_to_table, pose_dataset
 from vipe_ray.evaluation.validation import PRVIPE_SCORE, validation_metrics
 from vipe_ray.training.checkpoint import CHECKPOINT, check_resumable
 from vipe_ray.training.loop import TrainState, checkpoint_payload, evaluated_model, run_steps, start_state
@@ -84,7 +90,6 @@ class Scaling:
         return max(self.num_workers, 1) * self.cpus_per_worker
 
     def ray(self):
-        from ray.train import ScalingConfig
 
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
@@ -147,7 +152,6 @@ def resumed_payload(directory: str, config: TrainConfig, data: dict) -> dict:
 
 
 def _write_checkpoint(payload: dict) -> Any:
-    from ray.train import Checkpoint
 
     directory = tempfile.mkdtemp(prefix="vipe-ray-ckpt-")
     torch.save(payload, os.path.join(directory, CHECKPOINT))
@@ -158,7 +162,6 @@ def _all_ranks(value: Any, world: int) -> list:
     """``value`` of every rank, in rank order (a collective: every rank calls it)."""
     if world == 1:
         return [value]
-    import torch.distributed as dist
 
     out: list = [None] * world
     dist.all_gather_object(out, value)
@@ -167,7 +170,6 @@ def _all_ranks(value: Any, world: int) -> list:
 
 def _ray_cpus() -> float | None:
     """The Ray CPUs this process holds: a Ray worker's assignment; None in a driver (local mode)."""
-    import ray
 
     context = ray.get_runtime_context()
     if context.worker.mode != ray.WORKER_MODE:
@@ -183,15 +185,16 @@ def _peak_rss_mb() -> float:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: DDP Pr-VIPE training with periodic validation, reports and checkpoints.
 
-    ``loop_config``: ``config`` (a TrainConfig dict), ``data`` (path, fps, checksum), optional ``callbacks``
+    ``loop_config``: ``config`` (the TrainConfig, or its dict), ``data`` (path, fps, checksum), optional ``callbacks``
     (:class:`WorkerCallback` instances, run on every rank), ``on_report`` (a picklable callable run on rank 0
     with (step, metrics)), ``val_queries`` (at most this many validation queries per rig; 0, the default: all).
     """
-    import ray
-    import ray.train
-    import ray.train.torch
 
-    config: TrainConfig = config_from_dict(loop_config["config"], "train_loop_config")
+    # The validated, frozen config crosses to the workers as it is; a dict (a caller of the earlier API) is
+    # validated here.
+    config = loop_config["config"]
+    if not isinstance(config, TrainConfig):
+        config = config_from_dict(config, "train_loop_config")
     data = loop_config["data"]
     callbacks: list[WorkerCallback] = list(loop_config.get("callbacks") or [])
     context = ray.train.get_context()
@@ -234,7 +237,6 @@ def _train(loop_config: dict, config: TrainConfig, data: dict, state: TrainState
            shard: StreamedShard, val_table: PoseTable | None, worker: WorkerInfo, nodes: list[str],
            callbacks: list[WorkerCallback]) -> None:
     """The reports and checkpoints of :func:`train_loop_per_worker` around the training loop's steps."""
-    import ray.train
 
     total, batch = config.optim.steps, config.optim.batch_size
     start, start_step = time.perf_counter(), state.step
@@ -300,8 +302,6 @@ def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path
     """A ``TorchTrainer`` for one Pr-VIPE run (not started). ``storage_path``: a local folder or an
     object-store URI (``s3://bucket/prefix``) for the run's results and checkpoints; ``score`` (metric, mode)
     ranks its checkpoints."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     data = data_info(config)
     datasets = {"train": pose_dataset(data["path"], config.data.train_subjects, seed=config.seed)}
@@ -309,7 +309,7 @@ def build_trainer(config: TrainConfig, scaling: Scaling, name: str, storage_path
         datasets["val"] = pose_dataset(data["path"], config.data.val_subjects)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "data": data, "score": score, **(extra or {})},
+        train_loop_config={"config": config, "data": data, "score": score, **(extra or {})},
         scaling_config=scaling.ray(),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
