@@ -62,6 +62,12 @@ def test_a_bad_lifter_setting_is_refused_naming_it(values, message):
         load_config(overrides={"lifter": values})
 
 
+def test_validation_falls_on_checkpoints():
+    with pytest.raises(ConfigError, match=r"val_every: 300 must be a multiple of checkpoint_every \(500\)"):
+        load_config(overrides={"val_every": 300, "checkpoint_every": 500})
+    assert load_config(overrides={"val_every": 1000, "checkpoint_every": 500}).val_every == 1000
+
+
 def test_the_lifter_section_round_trips_through_a_checkpoint_config():
     config = load_config(overrides={"lifter": {"lr": 0.002, "width": 64}})
     from vipe_ray.config import config_from_dict

@@ -110,7 +110,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint, averaged=averaged)
     config = checkpoint.config
     lifter_path = Path(args.checkpoint) / "lifter.pt"
-    lifter = load_checkpoint(args.checkpoint, kind="lifter", averaged=averaged).model if lifter_path.exists() else None
+    lifter_checkpoint = load_checkpoint(args.checkpoint, kind="lifter", averaged=averaged) \
+        if lifter_path.exists() else None
+    lifter = lifter_checkpoint.model if lifter_checkpoint is not None else None
     if lifter is None:
         print(f"note: {lifter_path} not found; the 3D-lifting baseline is left out", file=sys.stderr)
     table = load_table(args.data or config.data.table_path())
@@ -133,13 +135,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if split == "test":
         print(f"test split: {count_evaluations(config, ledger)} earlier test evaluations of this config, "
               f"{count_evaluations(None, ledger)} in all ({ledger})")
-    print(f"evaluating {args.checkpoint} (step {checkpoint.step}) on the {split} subjects {subjects} of "
+    # Each method's best-validation checkpoint where the run kept one (out/best/): their steps may differ.
+    steps = f"step {checkpoint.step}" + (f", lifter step {lifter_checkpoint.step}" if lifter_checkpoint else "")
+    print(f"evaluating {args.checkpoint} ({steps}) on the {split} subjects {subjects} of "
           f"{table.path}; rigs {list(eval_config.rigs)}, occlusion {'on' if eval_config.occlusion else 'off'}")
     result = evaluate_rigs(checkpoint.model, config, table, lifter=lifter, eval_config=eval_config,
                            samples=args.samples)
     result["split"] = split
     result["checkpoint"] = str(args.checkpoint)
     result["step"] = checkpoint.step
+    if lifter_checkpoint is not None:
+        result["lifter_step"] = lifter_checkpoint.step
     result["weights"] = "average" if checkpoint.payload.get("ema") is not None and not args.trained_weights else "trained"
     print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
     if split == "test":

@@ -229,7 +229,7 @@ class OptimConfig:
     #: and that evaluation and deployment use (the reference keeps one, 0.9999 over 5M steps); 0 = off.
     ema: float = 0.0
     #: Learning rate of the match kernel's a and b, as a multiple of ``lr`` (see
-    #: :func:`vipe_ray.training.loop.parameter_groups`).
+    #: :func:`vipe_ray.training.optim.parameter_groups`).
     kernel_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -329,8 +329,11 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.val_every > 0 and self.val_every % self.checkpoint_every:
+            raise ConfigError(f"val_every: {self.val_every} must be a multiple of checkpoint_every "
+                              f"({self.checkpoint_every}): validation picks among the checkpoints")
         if self.val_every < 0:
-            raise ConfigError(f"val_every: {self.val_every} must be >= 0 (0 = only at the end)")
+            raise ConfigError(f"val_every: {self.val_every} must be >= 0 (0 = no validation in `vipe-ray train`)")
 
 
 def lifter_recipe(config: TrainConfig) -> TrainConfig:

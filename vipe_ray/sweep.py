@@ -46,7 +46,8 @@ from vipe_ray.platform.study_spec import is_study, load_study  # noqa: E402
 from vipe_ray.platform.sweep_spec import (SweepConfig, base_values, load_sweep, parse_resources,  # noqa: E402
                                           trial_config)
 from vipe_ray.platform.tune_driver import run_sweep  # noqa: E402
-# Tune state saved before the platform modules (a sweep to --resume) names these two here.
+# Tune state saved before the platform modules (a sweep to --resume) names these here.
+from vipe_ray.platform.sweep_spec import Objective, Param, Scheduler  # noqa: E402,F401
 from vipe_ray.platform.tune_driver import TrialFinisher, run_trial  # noqa: E402,F401
 
 

@@ -89,7 +89,10 @@ def run_study_trial(params: dict, settings: dict) -> None:
             # Ray Train's workers are gone: the extras ask Ray for what one of them held, on any node.
             asked = extras_resources(study.resources)
             client.set_tag(run_id, "extras_resources", json.dumps(asked, sort_keys=True))
-            task = ray.remote(remote_trial_extras).options(**asked)
+            # No retry: a second attempt would train and test again, and write a second ledger line. DEFAULT
+            # scheduling: Tune runs this trial in a placement group that captures its child tasks, and the
+            # trial's bundle holds only the driver's sliver of a CPU, where this task would wait forever.
+            task = ray.remote(remote_trial_extras).options(**asked, max_retries=0, scheduling_strategy="DEFAULT")
             metrics, full = ray.get(task.remote((work / "checkpoint.pt").read_bytes(), baseline, command))
         log_metrics(client, run_id, metrics)
         client.log_dict(run_id, full, "test_retrieval.json")

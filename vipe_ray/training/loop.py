@@ -147,6 +147,9 @@ def _train_method(kind: str, config: TrainConfig, out: Path, table: PoseTable, v
         set_rng_state(state.generator, payload["rng"])
         progress(f"[{kind}] resumed from {out / file} at step {state.step}")
     best_file = out / BEST / file
+    if config.val_every == 0 and best_file.exists():
+        progress(f"[{kind}] note: {best_file} is from a run that validated; with val_every 0 it is kept but no "
+                 "longer updated, and load_checkpoint / evaluate still prefer it (which='latest' reads the latest)")
     best = None
     if payload is not None and best_file.exists():
         best = torch.load(best_file, map_location="cpu", weights_only=False, mmap=True)["metrics"].get(score)
@@ -180,10 +183,11 @@ def _train_method(kind: str, config: TrainConfig, out: Path, table: PoseTable, v
                               if kind == "prvipe" else lifter_validation_metrics(model, config, val_table))
                 progress(f"[{kind}] step {step} validation {score}={scored[score]:.4f}")
             payload = checkpoint_payload(state, config, kind, table.checksum, table.path, scored)
-            atomic_save(payload, out / file)
+            # The best before the latest: a crash between the two never leaves a resumed run without its best.
             if validate and better(scored[score], best, mode):
                 best = scored[score]
                 atomic_save(payload, best_file)
+            atomic_save(payload, out / file)
 
     try:
         run_steps(state, state.model, train_step if kind == "prvipe" else lifter_step, sampler.sample, recipe,

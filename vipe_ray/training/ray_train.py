@@ -3,7 +3,7 @@
 * Ray Data reads the pose table (the split's subjects filtered in the scan), in pieces dealt in random order
   to the workers; each worker keeps a bounded buffer of its shard and renders fresh random views of it every
   step (see :mod:`vipe_ray.training.ingest`: nothing is rendered up front, no worker holds the table).
-* ``TorchTrainer`` runs :func:`vipe_ray.training.loop.train_step` in every worker under DDP: gloo on CPU, nccl on GPU
+* ``TorchTrainer`` runs :func:`vipe_ray.training.step.train_step` in every worker under DDP: gloo on CPU, nccl on GPU
   (Ray picks the backend from ``use_gpu``). Each worker draws its own batch of ``optim.batch_size`` poses
   (the reference's "batch per worker"): N workers step on N x batch_size poses, with the same ``lr``.
 * Each worker runs torch on its device (:func:`start_state`) with one intra-op thread per whole Ray CPU it
