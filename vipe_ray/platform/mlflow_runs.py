@@ -117,18 +117,41 @@ def _load(checkpoint: Location):
         return load_checkpoint(checkpoint.download(directory))
 
 
+#: What a study scores each trial on: ``test`` (the held-out subjects, once, into the ledger) or ``validation``
+#: (the recipe search: the validation subjects and rigs, no test subject touched).
+SPLITS = ("test", "validation")
+
+
+def split_metrics(checkpoint: str, split: str = "test", lifter=None, progress=lambda _m: None,
+                  with_result: bool = False, command: str = ""):
+    """A checkpoint's full evaluation on one split, flattened for MLflow with the prefix ``{split}/``
+    (:func:`vipe_ray.evaluation.tables.flat_metrics`); with ``with_result``, also the full result.
+
+    ``test``: the config's rigs and occlusion protocols on the test subjects, recorded in the test ledger
+    (:mod:`vipe_ray.evaluation.ledger`) under ``command``. ``validation``: the same protocols on the validation
+    subjects, rendered by the validation rigs (``eval.val_rigs``), as ``vipe-ray evaluate --split validation``
+    scores them; nothing is recorded. ``checkpoint``: a local path or an object-store URI."""
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    ckpt = _load(location(checkpoint))
+    config = ckpt.config
+    if split == "test":
+        table = load_table(config.data.table_path()).select(config.data.test_subjects)
+        result = evaluate_rigs(ckpt.model, config, table, lifter=lifter, progress=progress)
+        record_test_evaluation(result, config, command or f"test_metrics {checkpoint}", checkpoint, ckpt.step)
+    else:
+        table = load_table(config.data.table_path()).select(config.data.val_subjects)
+        result = evaluate_rigs(ckpt.model, config, table, lifter=lifter, progress=progress,
+                               eval_config=replace(config.eval, rigs=config.eval.val_rigs))
+    result["split"] = split
+    metrics = flat_metrics(result, f"{split}/")
+    return (metrics, result) if with_result else metrics
+
+
 def test_metrics(checkpoint: str, lifter=None, progress=lambda _m: None, with_result: bool = False,
                  command: str = ""):
-    """A checkpoint's full evaluation (its config's rigs and occlusion protocols) on the *test* subjects,
-    flattened for MLflow (:func:`vipe_ray.evaluation.tables.flat_metrics`, prefix ``test/``); with ``with_result``,
-    also the full result. ``checkpoint``: a local path or an object-store URI. The evaluation is recorded in
-    the test ledger (:mod:`vipe_ray.evaluation.ledger`) under ``command``."""
-    ckpt = _load(location(checkpoint))
-    table = load_table(ckpt.config.data.table_path()).select(ckpt.config.data.test_subjects)
-    result = evaluate_rigs(ckpt.model, ckpt.config, table, lifter=lifter, progress=progress)
-    record_test_evaluation(result, ckpt.config, command or f"test_metrics {checkpoint}", checkpoint, ckpt.step)
-    metrics = flat_metrics(result, "test/")
-    return (metrics, result) if with_result else metrics
+    """:func:`split_metrics` on the test split (a sweep's best trial, every trial of a study)."""
+    return split_metrics(checkpoint, "test", lifter, progress, with_result, command)
 
 
 def reported_checkpoint(results: Location, path: str) -> Location:

@@ -1,4 +1,4 @@
-"""Ablation studies: a grid of variants x seeds, every trial tested on the held-out subjects.
+"""Ablation studies and recipe searches: a grid of variants x seeds, every trial scored on one split.
 
     python -m vipe_ray.sweep sweeps/ablation_study.yaml [--resume] [--address ADDR] [--tracking-uri URI]
 
@@ -8,14 +8,17 @@ seeds; :mod:`vipe_ray.platform.study_spec` reads and validates it. There is no s
 stopping: Ray Tune runs the full grid, each trial a Ray Train run that keeps its best-validation checkpoint.
 When a trial's training ends, the trial
 
-1. evaluates that checkpoint with the full protocol of :mod:`vipe_ray.evaluation.protocols` on the *test* subjects
-   (every rig, every occlusion protocol; temporal windows for a temporal variant) -- a retrieval hits when
-   the 3D NP-MPJPE is at most ``eval.kappa`` for every variant, whatever kappa it was trained with;
+1. evaluates that checkpoint with the full protocol of :mod:`vipe_ray.evaluation.protocols` on the study's
+   ``split``: the *test* subjects with every rig (recorded in the test ledger), or, for a recipe search
+   (``split: validation``), the validation subjects with the validation rigs; every occlusion protocol,
+   temporal windows for a temporal variant. A retrieval hits when the 3D NP-MPJPE is at most ``eval.kappa``
+   for every variant, whatever kappa it was trained with;
 2. for the reference variant with ``baselines: true``, trains the 3D-lifting baseline with the same config
    and seed (same data and views, its own recipe: the config's ``lifter`` section), keeps its
    best-validation checkpoint and evaluates it beside Pr-VIPE and 2D-NN. Steps 1-2 run in a Ray task that
    asks for one training worker's CPUs and GPUs (:func:`extras_resources`), on that task's device;
-3. logs the test metrics (``test/...``), the retrieval JSON, the model and its plots on its MLflow run.
+3. logs the scores (``test/...`` or ``validation/...``), the retrieval JSON, the model and its plots on its
+   MLflow run.
 
 After the grid, :mod:`vipe_ray.platform.study_report` reads the runs back from MLflow, aggregates per variant and
 protocol (mean and 95% interval over seeds, the paired difference from the reference) and writes the
@@ -42,7 +45,7 @@ from vipe_ray import log
 from vipe_ray.config import ConfigError
 from vipe_ray.platform import study_report
 from vipe_ray.platform.mlflow_runs import (PARENT_RUN_FILE, MlflowReporter, child_run, finalize_trial, log_metrics,
-                                           parent_run, test_metrics)
+                                           parent_run, split_metrics)
 from vipe_ray.platform.resources import check_resources, trial_resources
 from vipe_ray.platform.study_spec import StudyConfig, variant_config
 from vipe_ray.platform.tracking import (DESCRIPTION_TAG, default_tracking_uri, ensure_experiment, git_commit,
@@ -78,13 +81,14 @@ def run_study_trial(params: dict, settings: dict) -> None:
             shutil.copy(Path(directory) / "checkpoint.pt", work / "checkpoint.pt")
         baseline = study.baselines and variant == study.reference
         command = f"study {study.path}: {variant} seed {seed}"
-        log(f"[study] {variant} seed {seed}: {'training the 3D-lifting baseline and ' if baseline else ''}testing "
-            f"step {load_checkpoint(work).step} on subjects {list(config.data.test_subjects)}")
+        subjects = config.data.test_subjects if study.split == "test" else config.data.val_subjects
+        log(f"[study] {variant} seed {seed}: {'training the 3D-lifting baseline and ' if baseline else ''}scoring "
+            f"step {load_checkpoint(work).step} on the {study.split} subjects {list(subjects)}")
         start = time.perf_counter()
         if study.resources.num_workers == 0:
             # Local mode: this trial already holds the CPUs its training used; the extras run here on them.
             client.set_tag(run_id, "extras_resources", "the trial's own")
-            metrics, full = trial_extras(str(work / "checkpoint.pt"), baseline, command)
+            metrics, full = trial_extras(str(work / "checkpoint.pt"), baseline, command, study.split)
         else:
             # Ray Train's workers are gone: the extras ask Ray for what one of them held, on any node.
             asked = extras_resources(study.resources)
@@ -93,9 +97,10 @@ def run_study_trial(params: dict, settings: dict) -> None:
             # scheduling: Tune runs this trial in a placement group that captures its child tasks, and the
             # trial's bundle holds only the driver's sliver of a CPU, where this task would wait forever.
             task = ray.remote(remote_trial_extras).options(**asked, max_retries=0, scheduling_strategy="DEFAULT")
-            metrics, full = ray.get(task.remote((work / "checkpoint.pt").read_bytes(), baseline, command))
+            metrics, full = ray.get(task.remote((work / "checkpoint.pt").read_bytes(), baseline, command,
+                                                study.split))
         log_metrics(client, run_id, metrics)
-        client.log_dict(run_id, full, "test_retrieval.json")
+        client.log_dict(run_id, full, f"{study.split}_retrieval.json")
         client.set_tag(run_id, "test_seconds", f"{time.perf_counter() - start:.0f}")
         finalize_trial(client, run_id, str(work / "checkpoint.pt"), "FINISHED", study.validation_queries)
     finally:
@@ -108,10 +113,10 @@ def extras_resources(resources: Scaling) -> dict[str, float]:
     return {"num_cpus": resources.cpus_per_worker, "num_gpus": resources.gpus}
 
 
-def trial_extras(checkpoint: str, baseline: bool, command: str) -> tuple[dict, dict]:
+def trial_extras(checkpoint: str, baseline: bool, command: str, split: str = "test") -> tuple[dict, dict]:
     """Train the lifting baseline beside a trial's best Pr-VIPE ``checkpoint`` (with ``baseline``; on this
-    process's device, keeping its best-validation checkpoint) and test both; returns (test metrics, the
-    full result). The test evaluation is recorded in this node's test ledger under ``command``."""
+    process's device, keeping its best-validation checkpoint) and score both on ``split``; returns (metrics,
+    the full result). A test evaluation is recorded in this node's test ledger under ``command``."""
     lifter = None
     if baseline:
         config = load_checkpoint(checkpoint).config
@@ -120,10 +125,10 @@ def trial_extras(checkpoint: str, baseline: bool, command: str) -> tuple[dict, d
         work = Path(checkpoint).parent
         train_lifter(config, work, progress=lambda _m: None, device=default_device())
         lifter = load_checkpoint(work, kind="lifter").model
-    return test_metrics(checkpoint, lifter, with_result=True, command=command)
+    return split_metrics(checkpoint, split, lifter, with_result=True, command=command)
 
 
-def remote_trial_extras(checkpoint: bytes, baseline: bool, command: str) -> tuple[dict, dict]:
+def remote_trial_extras(checkpoint: bytes, baseline: bool, command: str, split: str = "test") -> tuple[dict, dict]:
     """:func:`trial_extras` in a Ray task holding :func:`extras_resources`: torch uses its CPUs (and the GPU Ray
     gave it, where it asked for one)."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -131,7 +136,7 @@ def remote_trial_extras(checkpoint: bytes, baseline: bool, command: str) -> tupl
     work = Path(tempfile.mkdtemp(prefix="vipe-study-extras-"))
     try:
         (work / "checkpoint.pt").write_bytes(checkpoint)
-        return trial_extras(str(work / "checkpoint.pt"), baseline, command)
+        return trial_extras(str(work / "checkpoint.pt"), baseline, command, split)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -147,7 +152,7 @@ def report_study(study: StudyConfig, tracking_uri: str | None = None, storage: s
     tracking_uri = tracking_uri or default_tracking_uri()
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    done = len(study_report.collect(client, experiment_id, parent_id))
+    done = len(study_report.collect(client, experiment_id, parent_id, study.prefix))
     total = len(study.trials())
     partial = None if done >= total else (f"{done} of {total} trials had finished when this report was written; "
                                           f"`python -m vipe_ray.sweep {study.path} --resume` runs the rest")
@@ -168,12 +173,13 @@ def run_study(study: StudyConfig, resume: bool = False, address: str | None = No
         client = mlflow.MlflowClient(run.tracking_uri)
         experiment_id = ensure_experiment(client, study.experiment_name, run.tracking_uri)
         commit, trials = git_commit(), study.trials()
-        test_subjects = list(variant_config(study, run.base, study.reference, study.seeds[0]).data.test_subjects)
+        data = variant_config(study, run.base, study.reference, study.seeds[0]).data
+        scored = list(data.test_subjects if study.split == "test" else data.val_subjects)
         parent_id, created = parent_run(client, experiment_id, run.run_dir, resume, {
             "study": study.name, "sweep_file": study.path, "git_commit": commit, "data_checksum": run.checksum,
             **source_tags(study.path, run.command, commit),
             DESCRIPTION_TAG: (f"Study `{study.name}`: {len(study.variants)} variants x {len(study.seeds)} seeds = "
-                              f"{len(trials)} trials, each tested on subjects {test_subjects}; report under "
+                              f"{len(trials)} trials, each scored on the {study.split} subjects {scored}; report under "
                               f"`report/`. Started with `{run.command}`.")}, "study")
         if created:
             if Path(study.path).is_file():
@@ -209,7 +215,7 @@ def run_study(study: StudyConfig, resume: bool = False, address: str | None = No
             log(f"[study] interrupted with {grid.num_terminated} of {total} trials finished; continue with: "
                 f"{resume_with}")
             summary = {"study": study.name, "interrupted": True, "run_dir": run.run_dir.uri, "parent_run_id": parent_id}
-            if study_report.collect(client, experiment_id, parent_id):  # what is done is worth reading
+            if study_report.collect(client, experiment_id, parent_id, study.prefix):  # what is done is worth reading
                 summary.update(study_report.write(study, client, experiment_id, parent_id, run.tracking_uri,
                                                   command=run.command, partial=(
                                                       f"the study was interrupted; `{resume_with}` runs the rest "

@@ -1,7 +1,7 @@
 """The study's report: read every trial back from MLflow, aggregate over seeds, write Markdown and plots.
 
-Every number comes from the child runs' logged ``test/...`` metrics (nothing is recomputed here), so the
-report and MLflow agree by construction. Per variant and protocol: the mean over seeds with its 95% Student-t
+Every number comes from the child runs' logged scores (``test/...``, or ``validation/...`` for a recipe search;
+nothing is recomputed here), so the report and MLflow agree by construction. Per variant and protocol: the mean over seeds with its 95% Student-t
 interval, and the difference from the reference variant paired by seed (:mod:`vipe_ray.evaluation.stats`). A
 difference whose interval excludes 0 is called better/worse; otherwise "no difference detected" -- with 3
 seeds only large effects are detected, which the report says.
@@ -22,7 +22,7 @@ import ray
 import torch
 import yaml
 
-from vipe_ray.config import config_to_dict, load_config
+from vipe_ray.config import config_to_dict, lifter_recipe, load_config
 from vipe_ray.evaluation.stats import Interval, mean_interval, paired_difference
 from vipe_ray.platform.study_spec import variant_config
 from vipe_ray.platform.sweep_spec import base_values
@@ -37,7 +37,7 @@ class TrialRecord:
     variant: str
     seed: int
     run_id: str
-    metrics: dict[str, float]  # test/... names with '@' (MLflow's '_at_' undone)
+    metrics: dict[str, float]  # test/... (or validation/...) names with '@' (MLflow's '_at_' undone)
     step: int | None
 
 
@@ -45,14 +45,14 @@ def _metric_name(key: str) -> str:
     return key.replace("_at_", "@")
 
 
-def collect(client, experiment_id: str, parent_id: str) -> list[TrialRecord]:
-    """The parent run's finished trials that logged test metrics."""
+def collect(client, experiment_id: str, parent_id: str, prefix: str = "test/") -> list[TrialRecord]:
+    """The parent run's finished trials that logged scores under ``prefix`` (a study's :attr:`prefix`)."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                               max_results=10000)
     records = []
     for run in runs:
         tags = run.data.tags
-        metrics = {_metric_name(k): v for k, v in run.data.metrics.items() if k.startswith("test/")}
+        metrics = {_metric_name(k): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
         if "variant" not in tags or not metrics:
             continue
         step = int(tags["checkpoint_step"]) if "checkpoint_step" in tags else None
@@ -89,7 +89,7 @@ def verdict(diff: Interval | None) -> str:
 
 
 def rigs_of(records: list[TrialRecord]) -> list[str]:
-    """The evaluation rigs in the metrics (``test/{rig}/prvipe/hit@1``), in first-seen order."""
+    """The evaluation rigs in the metrics (``{split}/{rig}/prvipe/hit@1``), in first-seen order."""
     rigs: list[str] = []
     for r in records:
         for key in r.metrics:
@@ -100,7 +100,7 @@ def rigs_of(records: list[TrialRecord]) -> list[str]:
 
 
 def patterns_of(records: list[TrialRecord], rig: str) -> list[str]:
-    """Occlusion patterns of a rig (``test/{rig}/{pattern}/clean/prvipe/hit@1``), ``none`` first."""
+    """Occlusion patterns of a rig (``{split}/{rig}/{pattern}/clean/prvipe/hit@1``), ``none`` first."""
     found = []
     for r in records:
         for key in r.metrics:
@@ -129,6 +129,7 @@ def aggregate(records: list[TrialRecord], variants: list[str], reference: str) -
 
 def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, plots: list[str]) -> str:
     """The report as Markdown."""
+    P = study.prefix
     variants = [v for v in study.variants if v in table]
     rigs = rigs_of(records)
     ref = study.reference
@@ -138,45 +139,47 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
         lines += [f"**Partial report**: {provenance['partial']}.", ""]
     counts = sorted({sum(1 for r in records if r.variant == v) for v in variants})
     per_variant = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
-    lines += [f"{len(variants)} variants, {per_variant} seeds each (of {seeds}): {len(records)} trials with test "
-              f"metrics. "
+    scored = ("was then tested once on the held-out test subjects with every protocol" if study.split == "test"
+              else "was then scored on the validation subjects and rigs with every protocol (a recipe search: no "
+                   "test subject was touched)")
+    lines += [f"{len(variants)} variants, {per_variant} seeds each (of {seeds}): {len(records)} trials with "
+              f"{study.split} scores. "
               f"Each trial trained on the training subjects, kept its best-validation checkpoint (validation "
-              f"subjects, `wide-val` rig) and was then tested once on the held-out test subjects with every "
-              f"protocol. Cells: mean over seeds of Hit@k in %, with the 95% Student-t interval over seeds in "
+              f"subjects, `wide-val` rig) and {scored}. Cells: mean over seeds of Hit@k in %, with the 95% Student-t interval over seeds in "
               f"brackets. Differences are paired by seed against the reference variant `{ref}`; "
               f"\"better\"/\"worse\" when the difference's interval excludes 0. With {len(seeds)} seeds only "
               f"large effects can be detected: \"no difference detected\" is not \"no difference\".", ""]
     lines += [f"Scale: {provenance['scale']}.", ""]
     kappa = provenance.get("eval_kappa")
     lines += [f"Match criterion: a retrieval hits when the retrieved pose's 3D is within NP-MPJPE {kappa} of the "
-              f"query's, for every variant (the `kappa` variants were *trained* with their own kappa, tested "
+              f"query's, for every variant (the `kappa` variants were *trained* with their own kappa, scored "
               f"with this one).", ""]
     # 1. Clean retrieval per rig.
     lines += ["## Cross-view retrieval, clean keypoints (Hit@1)", "",
               "| variant | " + " | ".join(rigs) + " | mean over rigs | difference from " + f"`{ref}` | |",
               "|---|" + "---|" * (len(rigs) + 3)]
     for v in variants:
-        cells = [_pct(table[v].get(f"test/{rig}/prvipe/hit@1", {}).get("mean")) for rig in rigs]
-        entry = table[v].get("test/hit@1", {})
+        cells = [_pct(table[v].get(f"{P}{rig}/prvipe/hit@1", {}).get("mean")) for rig in rigs]
+        entry = table[v].get(f"{P}hit@1", {})
         diff = entry.get("diff")
         lines.append(f"| `{v}` | " + " | ".join(cells) + f" | {_pct(entry.get('mean'))} | "
                      f"{_pct(diff, signed=True) if diff else '(reference)' if v == ref else '-'} | "
                      f"{verdict(diff) if diff else ''} |")
     for method, label in (("lift3d", "3D lifting (baseline)"), ("nn2d", "2D nearest neighbour (baseline)")):
-        if f"test/{rigs[0]}/{method}/hit@1" in table.get(ref, {}):
-            cells = [_pct(table[ref].get(f"test/{rig}/{method}/hit@1", {}).get("mean")) for rig in rigs]
-            entry = table[ref].get(f"test/{method}_hit@1", {})
-            vs = paired_difference(by_seed(records, ref, "test/hit@1"), by_seed(records, ref, f"test/{method}_hit@1"))
+        if f"{P}{rigs[0]}/{method}/hit@1" in table.get(ref, {}):
+            cells = [_pct(table[ref].get(f"{P}{rig}/{method}/hit@1", {}).get("mean")) for rig in rigs]
+            entry = table[ref].get(f"{P}{method}_hit@1", {})
+            vs = paired_difference(by_seed(records, ref, f"{P}hit@1"), by_seed(records, ref, f"{P}{method}_hit@1"))
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(entry.get('mean'))} | "
                          f"`{ref}` minus it: {_pct(vs, signed=True)} | {verdict(vs).replace('better', f'`{ref}` better').replace('worse', f'`{ref}` worse')} |")
     lines.append("")
     # 2. Hit@k over rigs.
     ks = sorted({int(k.split("@")[1]) for r in records for k in r.metrics
-                 if k.startswith("test/hit@") and "_" not in k.split("@")[1]})
+                 if k.startswith(f"{P}hit@") and "_" not in k.split("@")[1]})
     lines += ["## Hit@k, mean over rigs", "", "| variant | " + " | ".join(f"Hit@{k}" for k in ks) + " |",
               "|---|" + "---|" * len(ks)]
     for v in variants:
-        lines.append(f"| `{v}` | " + " | ".join(_pct(table[v].get(f"test/hit@{k}", {}).get("mean")) for k in ks) + " |")
+        lines.append(f"| `{v}` | " + " | ".join(_pct(table[v].get(f"{P}hit@{k}", {}).get("mean")) for k in ks) + " |")
     lines.append("")
     # 3. Occlusion (clean index), mean over rigs per pattern.
     patterns = patterns_of(records, rigs[0]) if rigs else []
@@ -188,17 +191,17 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
         for v in variants:
             cells = []
             for p in patterns:
-                per_seed = _rig_mean(records, v, [f"test/{rig}/{p}/clean/prvipe/hit@1" for rig in rigs])
+                per_seed = _rig_mean(records, v, [f"{P}{rig}/{p}/clean/prvipe/hit@1" for rig in rigs])
                 cells.append(_pct(cell(per_seed)))
-            entry = table[v].get("test/hit@1_1limb", {})
+            entry = table[v].get(f"{P}hit@1_1limb", {})
             diff = entry.get("diff")
             lines.append(f"| `{v}` | " + " | ".join(cells) + " | "
                          + (f"{_pct(diff, signed=True)} ({verdict(diff)})" if diff else "(reference)" if v == ref else "-")
                          + " |")
         for method, label in (("lift3d", "3D lifting"), ("nn2d", "2D-NN")):
-            keys = [f"test/{rig}/{patterns[-1]}/clean/{method}/hit@1" for rig in rigs]
+            keys = [f"{P}{rig}/{patterns[-1]}/clean/{method}/hit@1" for rig in rigs]
             if any(k in table.get(ref, {}) for k in keys):
-                cells = [_pct(cell(_rig_mean(records, ref, [f"test/{rig}/{p}/clean/{method}/hit@1" for rig in rigs])))
+                cells = [_pct(cell(_rig_mean(records, ref, [f"{P}{rig}/{p}/clean/{method}/hit@1" for rig in rigs])))
                          for p in patterns]
                 lines.append(f"| {label} (baseline) | " + " | ".join(cells) + " | |")
         lines.append("")
@@ -216,8 +219,9 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
     return "\n".join(lines) + "\n"
 
 
-def _scale(config) -> str:
-    """The reference variant's model, training and test sizes, and how they compare with the default config's."""
+def _scale(config, split: str = "test") -> str:
+    """The reference variant's model and training sizes (Pr-VIPE's and the lifter's), its evaluation size, and
+    how they compare with the default config's."""
     default = load_config()
     m, o, e = config.model, config.optim, config.eval
     queries = f"at most {e.max_queries}" if e.max_queries else "all"
@@ -228,8 +232,13 @@ def _scale(config) -> str:
             f"smaller than the default config (width {default.model.width}, {default.model.blocks} blocks, "
             f"K = {default.model.samples}, {default.optim.steps} steps of {default.optim.batch_size}): numbers are "
             f"lower than the default model's and rank variants at this budget only")
-    return (f"width {m.width}, {m.blocks} blocks, K = {m.samples} samples, embedding {m.embedding_dim}; "
-            f"{o.steps} steps of {o.batch_size} poses ({o.precision}); test queries per rig: {queries} "
+    lifter = lifter_recipe(config)
+    lm, lo = lifter.model, lifter.optim
+    return (f"Pr-VIPE: width {m.width}, {m.blocks} blocks, K = {m.samples} samples, embedding {m.embedding_dim}, "
+            f"{o.steps} steps of {o.batch_size} poses, {o.optimizer} lr {o.lr} ({o.precision}); the 3D-lifting "
+            f"baseline (its `lifter` recipe): width {lm.width}, {lm.blocks} blocks, {lo.steps} steps of "
+            f"{lo.batch_size} poses, {lo.optimizer} lr {lo.lr}, keypoint dropout on {lifter.keypoint_dropout.views}, "
+            f"limb swap {lifter.limb_swap.prob}; {split} queries per rig: {queries} "
             f"(every {e.every} source frames) -- {note}")
 
 
@@ -242,6 +251,7 @@ def _rig_mean(records: list[TrialRecord], variant: str, keys: list[str]) -> dict
 
 def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[str]:
     """Hit@1 per variant (clean and one limb hidden), and Hit@1 against each ``series`` key, with intervals."""
+    P = study.prefix
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after matplotlib.use("Agg"): a driver has no display
 
@@ -254,14 +264,14 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
 
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(variants)), 4))
     x = range(len(variants))
-    for offset, key, label in ((-0.2, "test/hit@1", "clean"), (0.2, "test/hit@1_1limb", "one limb hidden")):
+    for offset, key, label in ((-0.2, f"{P}hit@1", "clean"), (0.2, f"{P}hit@1_1limb", "one limb hidden")):
         intervals = [table[v][key]["mean"] for v in variants if key in table[v]]
         if len(intervals) == len(variants):
             ax.bar([i + offset for i in x], [100 * i.mean for i in intervals], width=0.4, label=label,
                    yerr=[[100 * e for e in side] for side in err(intervals)], capsize=3)
     ax.set_xticks(list(x), variants, rotation=45, ha="right")
     ax.set_ylabel("Hit@1 (%), mean over rigs")
-    ax.set_title(f"{study.name}: test Hit@1 per variant (95% interval over seeds)")
+    ax.set_title(f"{study.name}: {study.split} Hit@1 per variant (95% interval over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hit_at_1_per_variant.png", dpi=90)
@@ -271,12 +281,12 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
         base = base_values(study)
         points = []
         for v in members:
-            if "test/hit@1" not in table.get(v, {}):
+            if f"{P}hit@1" not in table.get(v, {}):
                 continue
             value = variant_config(study, base, v, study.seeds[0])
             for part in key.split("."):
                 value = getattr(value, part)
-            points.append((float(value), table[v]["test/hit@1"]["mean"]))
+            points.append((float(value), table[v][f"{P}hit@1"]["mean"]))
         if len(points) < 2:
             continue
         points.sort()
@@ -284,7 +294,7 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
         ax.errorbar([p[0] for p in points], [100 * p[1].mean for p in points],
                     yerr=[[100 * e for e in side] for side in err([p[1] for p in points])], marker="o", capsize=3)
         ax.set_xlabel(key)
-        ax.set_ylabel("test Hit@1 (%), mean over rigs")
+        ax.set_ylabel(f"{study.split} Hit@1 (%), mean over rigs")
         ax.set_title(f"Hit@1 against {key} (95% interval)")
         fig.tight_layout()
         name = f"hit_at_1_vs_{key.replace('.', '_')}.png"
@@ -297,9 +307,10 @@ def _plots(study, records: list[TrialRecord], table: dict, out: Path) -> list[st
 def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, command: str,
           out_root: str | Path | None = None, partial: str | None = None) -> dict:
     """Collect, aggregate and write the report to ``{report_dir}/{name}/`` and the parent run's ``report/``."""
-    records = collect(client, experiment_id, parent_id)
+    P = study.prefix
+    records = collect(client, experiment_id, parent_id, P)
     if not records:
-        raise RuntimeError(f"study {study.name}: no trial of parent run {parent_id} logged test metrics")
+        raise RuntimeError(f"study {study.name}: no trial of parent run {parent_id} logged {study.split} scores")
     variants = [v for v in study.variants if any(r.variant == v for r in records)]
     table = aggregate(records, variants, study.reference)
     out = Path(out_root or study.report_dir) / study.name
@@ -316,7 +327,7 @@ def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, 
                     f"mlflow {mlflow.__version__}, numpy {numpy.__version__}",
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "experiment": study.experiment_name,
         "parent_run_id": parent_id, "eval_kappa": reference.eval.kappa, "partial": partial,
-        "scale": _scale(reference),
+        "scale": _scale(reference, study.split),
     }
     plots = _plots(study, records, table, out)
     text = markdown(study, records, table, provenance, plots)
@@ -331,7 +342,7 @@ def write(study, client, experiment_id: str, parent_id: str, tracking_uri: str, 
                "table": {v: {k: {"mean": e["mean"].mean, "low": e["mean"].low, "high": e["mean"].high,
                                  **({"diff": e["diff"].mean, "diff_low": e["diff"].low, "diff_high": e["diff"].high}
                                     if e["diff"] else {})}
-                             for k, e in entries.items() if k in ("test/hit@1", "test/hit@1_1limb")}
+                             for k, e in entries.items() if k in (f"{P}hit@1", f"{P}hit@1_1limb")}
                          for v, entries in table.items()}}
     client.log_dict(parent_id, summary, "study_summary.json")
     return summary

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from vipe_ray.config import ConfigError, TrainConfig, build_dataclass, merge
+from vipe_ray.platform.mlflow_runs import SPLITS
 from vipe_ray.platform.sweep_spec import Objective, base_values, nested, parse_resources, read_mapping, trial_config
 from vipe_ray.training.ray_train import BEST_METRIC, Scaling
 
@@ -35,6 +36,9 @@ class StudyConfig:
     overrides: dict = field(default_factory=dict)
     #: Train the 3D-lifting baseline beside every seed of the reference variant.
     baselines: bool = True
+    #: Where each trial is scored: ``test`` (the held-out subjects, recorded in the test ledger) or
+    #: ``validation`` (the validation subjects and rigs: a recipe search, which never touches the test split).
+    split: str = "test"
     #: Hit@1 against a config value: {dotted key: [variant, ...]} (the x values come from each variant).
     series: dict[str, tuple[str, ...]] = field(default_factory=dict)
     concurrency: int = 2
@@ -53,6 +57,11 @@ class StudyConfig:
         return self.experiment or f"vipe-ray-{self.name}"
 
     @property
+    def prefix(self) -> str:
+        """The MLflow metric prefix of the trials' scores: ``test/`` or ``validation/``."""
+        return f"{self.split}/"
+
+    @property
     def objective(self) -> Objective:  # what the sweep machinery ranks checkpoints by
         return Objective(BEST_METRIC, "max")
 
@@ -61,7 +70,7 @@ class StudyConfig:
         return [(variant, seed) for seed in self.seeds for variant in self.variants]
 
 
-_STUDY_KEYS = {"variants", "reference", "seeds", "baselines", "series"}
+_STUDY_KEYS = {"variants", "reference", "seeds", "baselines", "series", "split"}
 _TOP_KEYS = {"name", "base_config", "overrides", "study", "concurrency", "resources", "cluster_max", "max_failures",
              "validation_queries", "experiment", "report_dir"}
 
@@ -113,7 +122,7 @@ def load_study(path: str | Path) -> StudyConfig:
         if missing:
             raise ConfigError(f"{where}: study.series.{key}: {missing[0]!r} is not a variant")
     simple = {k: v for k, v in raw.items() if k not in ("study", "overrides", "cluster_max")}
-    simple.update({k: block[k] for k in ("reference", "baselines") if k in block})
+    simple.update({k: block[k] for k in ("reference", "baselines", "split") if k in block})
     try:
         study = build_dataclass(StudyConfig, simple)
     except ConfigError as exc:
@@ -127,6 +136,8 @@ def load_study(path: str | Path) -> StudyConfig:
     if study.reference not in study.variants:
         raise ConfigError(f"{where}: study.reference: {study.reference!r} is not one of the variants "
                           f"{sorted(study.variants)}")
+    if study.split not in SPLITS:
+        raise ConfigError(f"{where}: study.split: {study.split!r} is not one of {list(SPLITS)}")
     if study.concurrency < 1:
         raise ConfigError(f"{where}: concurrency: {study.concurrency} must be >= 1")
     if study.validation_queries < 0:
@@ -134,9 +145,9 @@ def load_study(path: str | Path) -> StudyConfig:
     base = base_values(study)
     for variant in study.variants:
         config = variant_config(study, base, variant, study.seeds[0])
-        if not config.data.val_subjects or not config.data.test_subjects:
+        if not config.data.val_subjects or (study.split == "test" and not config.data.test_subjects):
             raise ConfigError(f"{where}: study.variants.{variant}: a study needs data.val_subjects (to pick each "
-                              f"trial's checkpoint) and data.test_subjects (to test it)")
+                              f"trial's checkpoint) and, with split test, data.test_subjects (to test it)")
     return study
 
 

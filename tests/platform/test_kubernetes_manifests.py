@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 
@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 def _require_kubernetes_validate() -> None:
     if _KV_MISSING is not None:
         pytest.fail(
-            f"tests/test_deploy.py needs the kubernetes-validate package for the Kubernetes OpenAPI schemas "
+            f"tests/platform/test_kubernetes_manifests.py needs the kubernetes-validate package for the Kubernetes OpenAPI schemas "
             f"({_KV_MISSING}). Install the test extra (pip install -e \".[test]\") or: pip install "
             f"'{KV_REQUIREMENT}'",
             pytrace=False,

@@ -17,7 +17,7 @@ from vipe_ray.platform.tune_driver import TrialFinisher
 # Integration tests (Ray Tune sweeps): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 
 

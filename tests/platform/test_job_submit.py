@@ -6,52 +6,23 @@ Every service is started here on loopback with a time budget and stopped at the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from services import ENV, free_port, http_ok, lean_mlflow_server, mlflow_server, postgres, wait_for  # noqa: F401  (fixtures)
 
 # Integration tests (Ray jobs, an MLflow server on PostgreSQL, Chromium): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-       "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not ready after {timeout} s")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _check_sweep_in_mlflow(tracking_uri: str, experiment: str, min_trials: int = 2) -> dict:
@@ -106,16 +77,16 @@ def smoke_job(tmp_path_factory) -> dict:
     (stopped before the tests look at the result). Shared by the tests of the finished sweep, its console
     summary and its MLflow UI, so the suite runs it once."""
     tmp = tmp_path_factory.mktemp("smoke-job")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = dict(ENV)  # Ray's default /tmp/ray: pytest's long tmp paths overflow Unix socket names
     # A free job-agent port too: Ray's default (52365) is taken whenever another Ray runs on the machine, and the
     # job server then answers "No available agent to submit job" for good.
     subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
                     "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=env, timeout=120, capture_output=True)
     try:
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), 60, "ray dashboard")
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{dash}/api/version"), 60, "ray dashboard")
         db = tmp / "mlflow.db"
         # Artifacts land beside the SQLite file; the job runs in Ray's copy of the working dir.
         cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
@@ -225,31 +196,10 @@ def _chromium() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _lean_mlflow_server(backend: str, log_path: Path, *extra: str):
-    """A lean `mlflow server` (no job runner, one worker) on ``backend``, on 127.0.0.1; yields its URL."""
-    port = _free_port()
-    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, *extra,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 @pytest.fixture
 def mlflow_ui(smoke_job, tmp_path):
     """The MLflow UI on the smoke sweep's store."""
-    with _lean_mlflow_server(smoke_job["tracking_uri"], tmp_path / "mlflow-ui.log") as url:
+    with lean_mlflow_server(smoke_job["tracking_uri"], tmp_path / "mlflow-ui.log") as url:
         yield url
 
 
@@ -302,47 +252,6 @@ def test_mlflow_ui_opens_runs_with_nested_trials_and_hit_chart(smoke_job, mlflow
     check_mlflow_ui(mlflow_ui, chromium, smoke_job["tracking_uri"], smoke_job["experiment"], tmp_path)
 
 
-@pytest.fixture
-def postgres(tmp_path):
-    """A private PostgreSQL server (Debian's binaries) on loopback, run as the postgres user."""
-    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    if not bindir:
-        pytest.fail("PostgreSQL binaries not found under /usr/lib/postgresql; .ci/run installs them")
-    bindir = bindir[-1]
-    root = Path(f"/tmp/vipe-pg-{os.getpid()}")
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(mode=0o755)
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    shutil.chown(root, "postgres")
-    shutil.chown(sock, "postgres")
-    port = _free_port()
-
-    def as_postgres(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True,
-                              text=True, timeout=60)
-
-    as_postgres(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
-    # -l: the server must not inherit our pipes, or capturing pg_ctl's output waits for it forever.
-    as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-o",
-                f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "-w", "start")
-    try:
-        as_postgres(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "mlflow")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
-                        "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def mlflow_server(postgres, tmp_path):
-    """`mlflow server` on 127.0.0.1 backed by PostgreSQL, with a local artifact store."""
-    with _lean_mlflow_server(postgres, tmp_path / "mlflow-server.log",
-                             "--artifacts-destination", str(tmp_path / "artifacts")) as url:
-        yield url
-
-
 def _finished_trials(run_dir: Path, steps: int) -> int:
     count = 0
     for result in run_dir.glob("run_trial_*/result.json"):
@@ -368,7 +277,7 @@ def test_interrupted_sweep_resumes_on_mlflow_server_with_postgres(mlflow_server,
     try:
         # Interrupt once Tune has closed a trial: its step-40 result arrives seconds before Ray Train's teardown
         # ends, and a trial interrupted in between is (correctly) run again on resume.
-        _wait(lambda: any(_finished_trials(d, 40) >= 1 for d in storage.glob("resume-*"))
+        wait_for(lambda: any(_finished_trials(d, 40) >= 1 for d in storage.glob("resume-*"))
               and re.search(r"Trial run_trial_\w+ completed after", (tmp_path / "first.log").read_text()),
               400, "first trial", first)
         os.killpg(first.pid, signal.SIGINT)

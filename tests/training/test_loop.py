@@ -187,7 +187,7 @@ def test_cli_evaluates_a_newly_converted_table(tmp_path, tiny_overrides, capsys)
     """Convert raw motion capture with the converter, then evaluate on all of its subjects by default."""
     from pathlib import Path
 
-    fixtures = Path(__file__).parent / "fixtures" / "cmu-mini"
+    fixtures = Path(__file__).parents[1] / "fixtures" / "cmu-mini"
     table = tmp_path / "new.parquet"
     assert main(["convert", str(fixtures), str(table), "--fps", "30"]) == 0
     cfg = tmp_path / "tiny.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_platform import mlflow_server, postgres  # noqa: F401  (fixtures)
+from services import mlflow_server, postgres  # noqa: F401  (fixtures)
 
 # Integration tests (a multi-node Ray cluster): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration

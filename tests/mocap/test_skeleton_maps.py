@@ -20,7 +20,7 @@ from vipe_ray.mocap.skeleton import (
     detect_skeleton_map, load_skeleton_map, parse_skeleton_map,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 FLAVOURS_DIR = FIXTURES / "bvh-flavours"
 MINI_BVH = FIXTURES / "cmu-mini" / "bvh" / "01_01.bvh"
 SHARED = Path("/work/shared/data")

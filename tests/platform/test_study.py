@@ -18,7 +18,7 @@ from vipe_ray.platform.study_spec import load_study
 # Integration tests (Ray Tune studies): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 
 MINI = f"""# python -m vipe_ray.sweep mini.yaml
@@ -62,12 +62,22 @@ def test_grid_is_every_variant_for_every_seed(tmp_path):
     (("study:", "study:\n  reference: nope"), "study.reference: 'nope'"),
     (("study:", "study:\n  series: {mining.kappa: [full, ghost]}"), "'ghost' is not a variant"),
     (("concurrency: 2", "concurency: 2"), "concurency: unknown key"),
+    (("study:", "study:\n  split: tests"), "study.split: 'tests' is not one of ['test', 'validation']"),
 ])
 def test_bad_studies_fail_naming_file_and_key(tmp_path, change, expected):
     path = _write(tmp_path, MINI.replace(*change))
     with pytest.raises(ConfigError) as info:
         load_study(path)
     assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_a_validation_study_needs_no_test_subjects(tmp_path):
+    text = MINI.replace("study:", "study:\n  split: validation").replace(
+        "  checkpoint_every: 20", "  checkpoint_every: 20\n  data: {test_subjects: []}")
+    study = load_study(_write(tmp_path, text))
+    assert study.split == "validation" and study.prefix == "validation/"
+    with pytest.raises(ConfigError, match="with split test, data.test_subjects"):
+        load_study(_write(tmp_path, text.replace("  split: validation\n", "")))
 
 
 def _cells(report: str, title: str) -> dict[str, list[str]]:

@@ -21,7 +21,7 @@ import pytest
 # Integration tests (Ray Tune sweeps): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SWEEP = """\
 name: three

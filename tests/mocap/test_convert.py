@@ -16,10 +16,10 @@ from vipe_ray.mocap import H36M17_JOINTS, MocapFormatError
 from vipe_ray.mocap import table as table_mod
 from vipe_ray.mocap.convert import convert_directory
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures" / "cmu-mini"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "cmu-mini"
 COMMITTED = REPO / "data" / "cmu_h36m17_30fps.parquet"
-SHARED = Path(__file__).parents[2] / "shared" / "data" / "cmu-mocap"
+SHARED = Path(__file__).parents[3] / "shared" / "data" / "cmu-mocap"
 
 JOINTS3D_TYPE = pa.list_(pa.list_(pa.float32(), 3), 17)
 
@@ -404,7 +404,7 @@ def test_bad_collection_arguments(tmp_path):
 
 # --- BVH skeletons: the three cgspeed flavours, a user's map, a file no map fits
 
-FLAVOURS = Path(__file__).parent / "fixtures" / "bvh-flavours"
+FLAVOURS = Path(__file__).parents[1] / "fixtures" / "bvh-flavours"
 
 
 def test_every_cgspeed_flavour_converts_with_its_own_map(tmp_path):

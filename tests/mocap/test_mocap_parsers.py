@@ -23,11 +23,11 @@ from vipe_ray.mocap import (
     parse_bvh,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "cmu-mini"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "cmu-mini"
 ASF = FIXTURES / "subjects" / "02" / "02.asf"
 AMC = FIXTURES / "subjects" / "02" / "02_03.amc"
 BVH = FIXTURES / "bvh" / "01_01.bvh"
-SHARED = Path(__file__).parents[2] / "shared" / "data" / "cmu-mocap"
+SHARED = Path(__file__).parents[3] / "shared" / "data" / "cmu-mocap"
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared raw CMU data not present at {SHARED}"
 )

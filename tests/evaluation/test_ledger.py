@@ -74,7 +74,7 @@ def test_test_subjects_need_the_test_split(run, tmp_path, capsys):
     assert "['10'] are not test subjects" in capsys.readouterr().err
     # Another table holding test subjects (the cgspeed fixtures of subjects 08, 12 and 131) needs --split test too.
     other = tmp_path / "other.parquet"
-    assert main(["convert", str(Path(__file__).parent / "fixtures" / "bvh-flavours"), str(other), "--workers", "1"]) == 0
+    assert main(["convert", str(Path(__file__).parents[1] / "fixtures" / "bvh-flavours"), str(other), "--workers", "1"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(other), "--ledger", str(ledger)]) == 2
     assert "subjects ['08', '12', '131'] are test subjects" in capsys.readouterr().err
@@ -115,3 +115,22 @@ def test_sweeps_and_studies_record_their_test_evaluations(run, tmp_path, monkeyp
     assert record["command"] == "study sweeps/x.yaml: full seed 0" and record["checkpoint"].endswith("checkpoint.pt")
     assert record["subjects"] == sorted(load_config().data.test_subjects)
     assert record["hit@1"]["h36m"]["prvipe"] == pytest.approx(metrics["test/h36m/prvipe/hit@1"])
+
+
+def test_a_recipe_search_scores_validation_and_leaves_the_ledger_alone(run, tmp_path, monkeypatch):
+    """`split_metrics(..., "validation")` (a study with ``split: validation``) scores the validation subjects
+    on the validation rigs, as `vipe-ray evaluate` does, and records nothing."""
+    from vipe_ray.evaluation.ledger import LEDGER_ENV
+    from vipe_ray.platform.mlflow_runs import split_metrics
+
+    ledger = tmp_path / "suite.jsonl"
+    monkeypatch.setenv(LEDGER_ENV, str(ledger))
+    metrics, result = split_metrics(str(run / "checkpoint.pt"), "validation", with_result=True)
+    assert not ledger.exists()
+    config = load_config()
+    assert result["split"] == "validation" and result["subjects"] == sorted(config.data.val_subjects)
+    assert list(result["rigs"]) == list(config.eval.val_rigs)
+    assert metrics and all(k.startswith("validation/") for k in metrics)
+    assert metrics["validation/hit@1"] == pytest.approx(result["rigs"]["wide-val"]["prvipe"]["hit@1"])
+    with pytest.raises(ValueError, match="split: 'train'"):
+        split_metrics(str(run / "checkpoint.pt"), "train")

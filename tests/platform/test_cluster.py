@@ -11,7 +11,7 @@ import pytest
 # Integration tests (Ray clusters of several nodes): `pytest -m "not integration"` is the fast unit suite.
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

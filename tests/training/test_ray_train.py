@@ -148,7 +148,7 @@ def test_pose_dataset_keeps_subjects_and_worker_tables_split_clips_at_gaps(ray_c
 def test_two_workers_hold_halves_of_the_train_rows_and_report_per_worker(ray_cluster, tiny_overrides, tmp_path):
     # Validation subjects join the test subjects: rank 0 then skips reading a validation set (~10 s of Ray
     # Data), and the count below still excludes every held-out subject. buffer_rows 0: each worker holds its
-    # whole shard, so its buffer size is its shard size (tests/test_ingest.py checks the rows themselves).
+    # whole shard, so its buffer size is its shard size (tests/training/test_ingest.py checks the rows themselves).
     config = _config(tiny_overrides, optim={"steps": 2, "ema": 0.5}, checkpoint_every=2,
                      data={"val_subjects": [], "test_subjects": ["06", "13", "09", "10"], "buffer_rows": 0})
     logs = tmp_path / "logs"

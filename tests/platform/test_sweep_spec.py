@@ -11,7 +11,7 @@ from vipe_ray.platform.resources import check_resources
 from vipe_ray.platform.study_spec import is_study, load_study, variant_config
 from vipe_ray.platform.sweep_spec import base_values, load_sweep, trial_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALL = sorted((REPO / "sweeps").glob("*.yaml"))
 SHIPPED = [p for p in ALL if not is_study(p)]
 STUDIES = [p for p in ALL if is_study(p)]
