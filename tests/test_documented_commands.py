@@ -74,3 +74,19 @@ def test_the_documented_table_conversion_runs_as_written(tmp_path, monkeypatch):
     bundled = pd.read_parquet(REPO / "data" / "cmu_h36m17_30fps.parquet")
     rebuilt = pd.read_parquet(out)
     assert len(rebuilt) == len(bundled) and rebuilt["clip"].equals(bundled["clip"])
+
+
+@pytest.mark.integration
+def test_the_readme_search_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's index and search commands, as written, in a folder that holds the repository's data,
+    model and fixtures (their outputs land there, under runs/)."""
+    readme = [(w, a) for w, a in COMMANDS if w.startswith("README") and a[1] in ("index", "search")]
+    assert [a[1] for _w, a in readme] == ["index", "search"]
+    for name in ("data", "tests"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    for where, argv in readme:
+        assert main(argv[1:]) == 0, where
+    hits = pd.read_json(tmp_path / "runs" / "hits.json")
+    assert len(hits) == 7 and (tmp_path / "runs" / "hits.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "library" / "index.json").is_file()

@@ -1,10 +1,13 @@
-"""``vipe-ray`` command line: convert motion capture, train, evaluate.
+"""``vipe-ray`` command line: convert motion capture, train, evaluate, index and search poses.
 
     vipe-ray convert RAW_DIR [RAW_DIR ...] OUT.parquet [--fps 30] [--skip-invalid] [--skeleton MAP.yaml]
                      [--prefer amc|bvh] [--workers N]
     vipe-ray train [--config CONFIG.yaml] [--out DIR] [--resume] [--set key.path=value ...]
     vipe-ray evaluate --checkpoint DIR [--split validation|test] [--data TABLE.parquet] [--subjects 06 13]
                       [--rig h36m --rig my_rig.yaml] [--no-occlusion] [--json OUT.json] [--ledger LEDGER]
+    vipe-ray export --checkpoint DIR --out MODEL_DIR
+    vipe-ray index --checkpoint DIR (--data TABLE.parquet --rig RIG | --keypoints FILE.json) --out INDEX_DIR
+    vipe-ray search --index INDEX_DIR --keypoints QUERIES.json [--top-k 5] [--json OUT.json] [--figure OUT.png]
 """
 
 from __future__ import annotations
@@ -158,6 +161,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vipe_ray.data import file_sha256
+    from vipe_ray.training.checkpoint import CHECKPOINT, load_checkpoint, save_model_only
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    out = Path(args.out) / CHECKPOINT
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; export to a new directory")
+    save_model_only(checkpoint.model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, out)
+    print(f"wrote {out} (step {checkpoint.step}, {out.stat().st_size / 1e6:.1f} MB, sha256 {file_sha256(out)})")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from vipe_ray.search.commands import index_command
+
+    index_command(args.checkpoint, args.out, data=args.data, subjects=args.subjects, rig=args.rig, every=args.every,
+                  keypoints=args.keypoints, min_score=args.min_score, kind=args.kind)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from vipe_ray.search.commands import search_command
+
+    search_command(args.index, args.keypoints, top_k=args.top_k, min_score=args.min_score,
+                   candidates=args.candidates, json_out=args.json, figure=args.figure)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vipe-ray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a run's model alone (weights and config, no optimizer state)")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `vipe-ray train` (its best model)")
+    p.add_argument("--out", required=True, help="directory for the model's checkpoint.pt")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("index", help="embed a pose library (a pose table seen by a rig, or keypoint files) for search")
+    p.add_argument("--checkpoint", required=True,
+                   help="the model: a run directory of `vipe-ray train` (its best checkpoint), a logged model's "
+                        "directory, or an MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model)")
+    p.add_argument("--out", required=True, help="new index directory")
+    p.add_argument("--data", help="pose table to index (every pose seen by every camera of --rig)")
+    p.add_argument("--subjects", nargs="+", help="subjects of --data to index (default: all)")
+    p.add_argument("--rig", metavar="NAME_OR_YAML", help="the cameras that see the table's poses: a built-in rig "
+                                                        "(h36m, novel, wide, wide-val) or a rig YAML file")
+    p.add_argument("--every", type=int, default=1, help="index every N-th table row (default: all)")
+    p.add_argument("--keypoints", nargs="+", metavar="FILE",
+                   help="keypoint files to index: COCO person-keypoints JSON, .npy or .npz")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="hide keypoints whose visibility flag or score is below this (default 0: only v = 0)")
+    p.add_argument("--kind", choices=["exact", "hnsw"], help="vector index (default: exact below 50,000 poses)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index with 2D keypoints (COCO JSON, .npy or .npz)")
+    p.add_argument("--index", required=True, help="index directory written by `vipe-ray index`")
+    p.add_argument("--keypoints", required=True, metavar="FILE", help="query keypoints: COCO JSON, .npy or .npz")
+    p.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="hide keypoints whose visibility flag or score is below this (default 0: only v = 0)")
+    p.add_argument("--candidates", type=int,
+                   help="library poses re-ranked per query by match probability (default: max(100, 10 x top-k))")
+    p.add_argument("--json", help="write the results as JSON here (one entry per query)")
+    p.add_argument("--figure", help="draw the queries beside their best matches to this PNG")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

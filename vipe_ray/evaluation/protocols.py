@@ -119,8 +119,8 @@ def _embed(model: torch.nn.Module, features: torch.Tensor, batch: int = 2048) ->
 
 
 @torch.no_grad()
-def _view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.Tensor, visible: torch.Tensor,
-          k: int, probabilistic: bool, generator: torch.Generator) -> dict:
+def camera_view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.Tensor, visible: torch.Tensor,
+                k: int, probabilistic: bool, generator: torch.Generator) -> dict:
     """Everything the methods need of one camera's renders ``[n, frames, 13, 2]`` under ``visible`` ``[n, 13]``."""
     frames = pixels.shape[1]
     vis = visible[:, None, :].expand(-1, frames, -1)
@@ -139,8 +139,8 @@ def _view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: torch.
     return view
 
 
-def _pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor, ks: tuple[int, ...],
-               methods: tuple[str, ...], top1: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def pair_hits(q: dict, x: dict, match: MatchProbability, match3d: torch.Tensor, ks: tuple[int, ...],
+              methods: tuple[str, ...], top1: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Per-query hits at each k of every method for one (query view, index view) pair; invalid poses never
     match. With ``top1``, also fill it with each method's top-1 index pose per query (-1: none retrieved)."""
     out = {}
@@ -233,11 +233,11 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
             raise ValueError(f"eval.rigs: two rigs are named {name!r} ({rig!r} and an earlier one); rename one")
         result["cameras"][name] = [vars(c) for c in cameras]
         pixels = [rendered_view(windows, Orbits.from_cameras([c]).expand(len(rows))) for c in cameras]
-        clean = [_view(model, lifter, p, all_visible, k, probabilistic, _generator(seed, name, i, "clean"))
+        clean = [camera_view(model, lifter, p, all_visible, k, probabilistic, _generator(seed, name, i, "clean"))
                  for i, p in enumerate(pixels)]
         pairs = [(i, j) for i in range(len(cameras)) for j in range(len(cameras)) if i != j]
         tops = [{} for _ in pairs]
-        per_pair = [_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods, top1=top)
+        per_pair = [pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods, top1=top)
                     for (i, j), top in zip(pairs, tops)]
         result["rigs"][name] = average_pairs(per_pair, se=result["se"].setdefault(name, {}),
                                         paired=result["paired"].setdefault(name, {}))
@@ -249,7 +249,7 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
             continue
         ring = [(i, (i + 1) % len(cameras)) for i in range(len(cameras))]
         # The reference for the occlusion rows: clean queries on the same ring of camera pairs.
-        on_ring = average_pairs([_pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods) for i, j in ring])
+        on_ring = average_pairs([pair_hits(clean[i], clean[j], match, match3d, ev.ks, methods) for i, j in ring])
         occluded_result: dict = {"none": {"clean": on_ring, "occluded": on_ring}}
         invalid: dict = {}
         for pattern in occlusion_patterns(ev):
@@ -257,12 +257,12 @@ def evaluate_rigs(model: torch.nn.Module, config: TrainConfig, table: PoseTable,
             occluded = []
             for i, p in enumerate(pixels):
                 g = _generator(seed, name, i, pattern)
-                occluded.append(_view(model, lifter, p, pattern_visibility(pattern, len(rows), g), k, probabilistic, g))
+                occluded.append(camera_view(model, lifter, p, pattern_visibility(pattern, len(rows), g), k, probabilistic, g))
             invalid[pattern] = float(torch.stack([~v["valid"] for v in occluded]).float().mean())
             occluded_result[pattern] = {
-                "clean": average_pairs([_pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
+                "clean": average_pairs([pair_hits(occluded[i], clean[j], match, match3d, ev.ks, methods)
                                    for i, j in ring]),
-                "occluded": average_pairs([_pair_hits(occluded[i], occluded[j], match, match3d, ev.ks, methods)
+                "occluded": average_pairs([pair_hits(occluded[i], occluded[j], match, match3d, ev.ks, methods)
                                       for i, j in ring]),
             }
         result["occlusion"][name] = occluded_result

@@ -183,7 +183,7 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
         if config.temporal.enabled:
             pixels = pixels[:, None].expand(-1, config.temporal.window, -1, -1).contiguous()
         with mlflow.start_run(run_id=run_id, nested=True):
-            info = log_model(mlflow, ckpt.model, config, pixels)
+            info = log_model(mlflow, ckpt.model, config, pixels, step=ckpt.step, data_checksum=ckpt.data_checksum)
         summary = {"model_uri": info.model_uri, "step": ckpt.step, "checkpoint": checkpoint.uri}
         client.set_tag(run_id, "model_uri", info.model_uri)
         client.set_tag(run_id, "checkpoint", checkpoint.uri)

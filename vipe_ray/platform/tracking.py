@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.models import infer_signature
@@ -23,11 +24,13 @@ from torch import nn
 from vipe_ray import REPO_ROOT
 from vipe_ray.config import TrainConfig
 from vipe_ray.data import evaluation_rows, window_rows
+from vipe_ray.evaluation.figures import draw_pose
 from vipe_ray.evaluation.protocols import resolve_rig
 from vipe_ray.prvipe.cameras import Orbits
 from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, KeypointError, model_input, pose_features
 from vipe_ray.prvipe.matching import pairwise_np_mpjpe
 from vipe_ray.prvipe.views import normalized_view
+from vipe_ray.training.checkpoint import save_model_only
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -144,22 +147,53 @@ class PoseEmbedder(nn.Module):
         return torch.cat([mean, sigma], dim=-1)
 
 
-def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model"):
+#: Where a logged model keeps its vipe-ray checkpoint (MLflow copies ``extra_files`` under this folder).
+MODEL_CHECKPOINT = Path("extra_files") / "checkpoint.pt"
+
+
+def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model",
+              step: int = 0, data_checksum: str = ""):
     """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example.
 
     Format "pt2" (``torch.export``): no pickle, and the loaded model needs neither vipe-ray nor its code;
     the batch dimension stays dynamic (the example has more than one pose). Loading returns the exported
-    module, called like the embedder: keypoints ``[batch, 13, 2]`` -> ``[batch, 2 * D]``.
+    module, called like the embedder: keypoints ``[batch, 13, 2]`` -> ``[batch, 2 * D]``. The model also
+    carries its vipe-ray checkpoint (weights, config and the trained match probability, :data:`MODEL_CHECKPOINT`),
+    which ``vipe-ray index --checkpoint models:/NAME/VERSION`` loads (:func:`resolve_model`).
     """
 
     embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
         output = embedder(example)
-    return mlflow.pytorch.log_model(
-        embedder, name=name, serialization_format="pt2",
-        signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
-        pip_requirements=["torch==2.13.0"],
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_model_only(model, config, step, data_checksum, Path(tmp) / MODEL_CHECKPOINT.name)
+        return mlflow.pytorch.log_model(
+            embedder, name=name, serialization_format="pt2",
+            signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
+            pip_requirements=["torch==2.13.0"], extra_files=[str(checkpoint)],
+        )
+
+
+def resolve_model(source: str | Path) -> Path:
+    """A model to load with :func:`vipe_ray.training.checkpoint.load_checkpoint`, wherever it is: a run directory
+    or a checkpoint file (returned as is), a logged model's directory (its :data:`MODEL_CHECKPOINT`), or an
+    MLflow model URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, ``models:/m-...``), downloaded from
+    the tracking server (``MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db``)."""
+    text = str(source)
+    if ":/" in text and not Path(text).exists():
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(text))
+        except Exception as exc:  # MlflowException and friends: say which URI and why
+            raise FileNotFoundError(f"{text}: cannot download this model ({exc})") from None
+    else:
+        local = Path(text)
+    if (local / "MLmodel").is_file():
+        if not (local / MODEL_CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{text}: a logged model without a vipe-ray checkpoint ({MODEL_CHECKPOINT}); "
+                                    f"models logged before vipe-ray carried one cannot be indexed")
+        return local / MODEL_CHECKPOINT
+    return local
 
 
 def hit_plot(result: dict, path: Path) -> Path:
@@ -186,9 +220,6 @@ def hit_plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-_BONES = [(1, 3), (3, 5), (2, 4), (4, 6), (1, 2), (7, 8), (1, 7), (2, 8), (7, 9), (9, 11), (8, 10), (10, 12), (0, 1), (0, 2)]
 
 
 def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, queries: int = 4) -> Path:
@@ -222,14 +253,7 @@ def retrieval_figure(model: nn.Module, config: TrainConfig, table, path: Path, q
         panels += [(views[1][0][i], f"#{n + 1} ({rig} cam 2)", "green" if match[q, i] else "red")
                    for n, i in enumerate(top)]
         for ax, (kp, title, colour) in zip(axes[r], panels):
-            for a, b in _BONES:
-                ax.plot(kp[[a, b], 0], kp[[a, b], 1], color=colour, lw=1.5)
-            ax.scatter(kp[1::2, 0], kp[1::2, 1], s=6, color="tab:blue")  # left side
-            ax.set_title(title, fontsize=8, color=colour)
-            ax.set_xlim(-1, 1)
-            ax.set_ylim(1.2, -1.2)
-            ax.set_aspect("equal")
-            ax.axis("off")
+            draw_pose(ax, kp, title, colour)
     fig.suptitle("green = 3D match (NP-MPJPE <= kappa); blue dots = left side", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -104,6 +104,17 @@ def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = 
     return Checkpoint(model, config, payload["step"], payload["data_checksum"], payload)
 
 
+def save_model_only(model: torch.nn.Module, config: TrainConfig, step: int, data_checksum: str, path: str | Path,
+                    kind: str = "prvipe") -> Path:
+    """Save the weights ``model`` holds now (the average, where the caller loaded it) with the config and
+    bookkeeping, without optimizer or RNG state: a file :func:`load_checkpoint` reads, a fraction of a run's
+    checkpoint (what a pose index and a logged model carry). Written atomically."""
+    path = Path(path)
+    atomic_save({"format": FORMAT, "kind": kind, "model": model.state_dict(), "config": config_to_dict(config),
+                 "step": step, "data_checksum": data_checksum}, path)
+    return path
+
+
 def resumable_checkpoint(path: Path, config: TrainConfig, table: PoseTable, resume: bool) -> dict | None:
     """The checkpoint at ``path`` to resume (None when there is none), refused unless ``resume`` and
     :func:`check_resumable`. Memory-mapped: its tensors are read when the model and optimizer load them."""

@@ -1,0 +1,236 @@
+"""A searchable pose library: embedding means in a vector index, candidates re-ranked by match probability.
+
+Search runs in two stages. (1) The ``candidates`` library poses whose embedding *means* are nearest the
+query's (Euclidean), from a FAISS index: exact (``IndexFlatL2``) for libraries below :data:`EXACT_BELOW`
+poses, where brute force is fast enough, and a graph index (HNSW) above. (2) Those candidates re-ranked by the
+model's own score, the match probability ``p = mean over K x K sample pairs of sigmoid(-a d + b)`` with the
+trained (a, b): the quantity Pr-VIPE is trained and evaluated on. The K samples of every embedding use one
+fixed bank of normal draws per side (seeded, stored with the index), so a search is deterministic and all
+candidates of a query are compared on the same draws.
+
+An index is a directory::
+
+    index.json        what it holds: size, dimension, index kind, samples, the model it was built with
+    vectors.faiss     the FAISS index over the means
+    embeddings.npz    means and sigmas [n, D] float32; normalized 2D keypoints [n, 13, 2] and visibility [n, 13]
+    poses3d.npy       the 3D pose of every library pose [n, 17, 3] (pose-table libraries only)
+    metadata.parquet  one row per pose: source, subject/clip/frame/camera or annotation/image ids
+    model.pt          the embedding model (a vipe-ray checkpoint with its config): queries embed with it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vipe_ray.prvipe.losses import MatchProbability
+from vipe_ray.training.checkpoint import Checkpoint, load_checkpoint, save_model_only
+
+INDEX_FORMAT = "vipe-ray-index/1"
+#: Below this many poses the candidates come from exact search (bench/search_index.py measures the crossover).
+EXACT_BELOW = 50_000
+#: HNSW graph degree, build depth and the least search depth (bench/search_index.py: recall and latency).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+#: Candidates re-ranked per query, at least (a search asks for max(this, 10 x top-k)).
+CANDIDATES = 100
+MODEL_FILE = "model.pt"
+
+
+class PoseIndexError(ValueError):
+    """An index directory that cannot be used (missing files, another format, a mismatched model)."""
+
+
+@dataclass
+class PoseIndex:
+    """A loaded index. ``mean``/``sigma`` ``[n, D]`` float32; ``keypoints`` ``[n, 13, 2]`` normalized 2D and
+    ``visible`` ``[n, 13]`` (for figures); ``poses3d`` ``[n, 17, 3]`` or None; ``meta`` a pyarrow table."""
+
+    mean: np.ndarray
+    sigma: np.ndarray
+    keypoints: np.ndarray
+    visible: np.ndarray
+    poses3d: np.ndarray | None
+    meta: pa.Table
+    vectors: faiss.Index
+    info: dict
+    checkpoint: Checkpoint
+    _draws: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @property
+    def match(self) -> MatchProbability:
+        return self.checkpoint.model.match
+
+    def samples(self, mean: torch.Tensor, sigma: torch.Tensor, side: str) -> torch.Tensor:
+        """Samples ``[..., K, D]`` of embeddings ``[..., D]`` from the index's fixed draws of ``side``
+        (``"query"`` or ``"library"``); a point embedding is its mean (K = 1)."""
+        if not self.info["probabilistic"]:
+            return mean[..., None, :]
+        if side not in self._draws:
+            self._draws[side] = draws(self.info, side)
+        return mean[..., None, :] + sigma[..., None, :] * self._draws[side]
+
+    def probabilities(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Match probability of each query's candidates: samples ``[b, K, D]`` x ``[b, C, K, D]`` -> ``[b, C]``.
+
+        One batched product for the squared distances of all K x (C K) sample pairs of a query (as
+        :meth:`MatchProbability.pairwise` computes them), then the sigmoid averaged over the K x K pairs."""
+        b, c, k, d = candidates.shape
+        flat = candidates.reshape(b, c * k, d)
+        sq = torch.baddbmm((flat * flat).sum(-1)[:, None, :], queries, flat.transpose(1, 2), alpha=-2.0)
+        sq.add_((queries * queries).sum(-1)[:, :, None])
+        match = self.match
+        sigmoid = sq.clamp_min_(0.0).sqrt_().mul_(-match.a).add_(match.b).sigmoid_()
+        return sigmoid.reshape(b, queries.shape[1], c, k).mean((1, 3)).mul_(1.0 - match.smoothing).add_(
+            0.5 * match.smoothing)
+
+    @torch.no_grad()
+    def search(self, mean: np.ndarray, sigma: np.ndarray, top_k: int, candidates: int | None = None,
+               batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` library poses of each query embedding (``mean``, ``sigma`` ``[m, D]``): (row indices
+        ``[m, top_k]``, match probabilities ``[m, top_k]``), best first; -1 / NaN where the library is short."""
+        if top_k < 1:
+            raise ValueError(f"top-k: {top_k} must be >= 1")
+        m = len(mean)
+        want = min(len(self), max(candidates or CANDIDATES, 10 * top_k))
+        rows = np.full((m, top_k), -1, dtype=np.int64)
+        probs = np.full((m, top_k), np.nan, dtype=np.float64)
+        if m == 0 or len(self) == 0:
+            return rows, probs
+        if isinstance(self.vectors, faiss.IndexHNSW):
+            self.vectors.hnsw.efSearch = max(HNSW_EF_SEARCH, want)
+        _, found = self.vectors.search(np.ascontiguousarray(mean, dtype=np.float32), want)  # [m, want]
+        keep = min(top_k, want)
+        for start in range(0, m, batch):
+            cand = found[start:start + batch]  # [b, want], -1 where HNSW found fewer
+            safe = np.where(cand >= 0, cand, 0)
+            q = self.samples(torch.from_numpy(mean[start:start + batch]).float(),
+                             torch.from_numpy(sigma[start:start + batch]).float(), "query")  # [b, K, D]
+            c = self.samples(torch.from_numpy(self.mean[safe]), torch.from_numpy(self.sigma[safe]), "library")
+            p = self.probabilities(q, c).masked_fill_(torch.from_numpy(cand < 0), float("-inf"))  # [b, want]
+            best = torch.topk(p, keep, dim=1)
+            top = np.take_along_axis(cand, best.indices.numpy(), 1)
+            value = best.values.double().numpy()
+            rows[start:start + batch, :keep] = np.where(np.isfinite(value), top, -1)
+            probs[start:start + batch, :keep] = np.where(np.isfinite(value), value, np.nan)
+        return rows, probs
+
+    @torch.no_grad()
+    def exact_search(self, mean: np.ndarray, sigma: np.ndarray, top_k: int, chunk: int = 65536
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The same scoring over the whole library, without candidates (the reference the bench measures
+        recall against): (row indices, probabilities) ``[m, top_k]``."""
+        q = self.samples(torch.from_numpy(mean).float(), torch.from_numpy(sigma).float(), "query")
+        best_p = torch.full((len(mean), 0), float("-inf"), dtype=torch.float64)
+        best_i = torch.zeros((len(mean), 0), dtype=torch.int64)
+        for start in range(0, len(self), chunk):
+            c = self.samples(torch.from_numpy(self.mean[start:start + chunk]),
+                             torch.from_numpy(self.sigma[start:start + chunk]), "library")
+            p = self.match.pairwise(q, c).double()  # [m, chunk]
+            best_p = torch.cat([best_p, p], 1)
+            best_i = torch.cat([best_i, torch.arange(start, start + p.shape[1]).expand(len(mean), -1)], 1)
+            keep = torch.topk(best_p, min(top_k, best_p.shape[1]), dim=1)
+            best_p, best_i = keep.values, best_i.gather(1, keep.indices)
+        return best_i.numpy(), best_p.numpy()
+
+    def rows(self, indices: np.ndarray) -> list[dict]:
+        """Metadata rows (dicts) of library rows ``indices``."""
+        return self.meta.take(pa.array(indices, type=pa.int64())).to_pylist()
+
+
+def draws(info: dict, side: str) -> torch.Tensor:
+    """The fixed normal draws ``[K, D]`` of one side of the match probability (seeded by the index)."""
+    offset = {"query": 0, "library": 1}[side]
+    generator = torch.Generator().manual_seed(int(info["seed"]) * 2 + offset)
+    return torch.randn((info["samples"], info["dim"]), generator=generator)
+
+
+def vector_index(mean: np.ndarray, kind: str | None = None) -> faiss.Index:
+    """A FAISS index over ``mean`` ``[n, D]``: ``"exact"`` (flat L2) or ``"hnsw"``; None picks by size."""
+    n, dim = mean.shape
+    kind = kind or ("exact" if n < EXACT_BELOW else "hnsw")
+    if kind == "exact":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    else:
+        raise ValueError(f"index kind: {kind!r} must be 'exact' or 'hnsw'")
+    index.add(np.ascontiguousarray(mean, dtype=np.float32))
+    return index
+
+
+def build_index(out: str | Path, checkpoint: Checkpoint, source: str, mean: np.ndarray, sigma: np.ndarray,
+                keypoints: np.ndarray, visible: np.ndarray, meta: list[dict], poses3d: np.ndarray | None = None,
+                kind: str | None = None, seed: int = 0, progress=lambda _m: None) -> Path:
+    """Write an index directory at ``out`` (see the module docstring) and return its path. ``source`` says what
+    the library was built from (the command's inputs); ``checkpoint`` is the model that embedded it."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PoseIndexError(f"{out}: exists and is not empty; choose a new --out (an index is never overwritten)")
+    n = len(mean)
+    if not (len(sigma) == len(keypoints) == len(visible) == len(meta) == n) or (poses3d is not None and len(poses3d) != n):
+        raise ValueError("build_index: mean, sigma, keypoints, visible, meta (and poses3d) must have one row per pose")
+    start = time.perf_counter()
+    vectors = vector_index(mean, kind)
+    progress(f"[index] {n} poses in a {type(vectors).__name__} ({time.perf_counter() - start:.1f} s)")
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=False)
+    faiss.write_index(vectors, str(tmp / "vectors.faiss"))
+    np.savez(tmp / "embeddings.npz", mean=mean.astype(np.float32), sigma=sigma.astype(np.float32),
+             keypoints=keypoints.astype(np.float16), visible=visible.astype(bool))
+    if poses3d is not None:
+        np.save(tmp / "poses3d.npy", poses3d.astype(np.float32))
+    pq.write_table(pa.Table.from_pylist(meta) if meta else pa.table({"source": pa.array([], pa.string())}),
+                   tmp / "metadata.parquet")
+    model = checkpoint.model
+    save_model_only(model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, tmp / MODEL_FILE)
+    info = {"format": INDEX_FORMAT, "count": n, "dim": int(mean.shape[1]),
+            "kind": "hnsw" if isinstance(vectors, faiss.IndexHNSW) else "exact",
+            "samples": int(model.config.samples) if model.config.probabilistic else 1,
+            "probabilistic": bool(model.config.probabilistic), "seed": seed, "source": source,
+            "model": {"step": checkpoint.step, "data_checksum": checkpoint.data_checksum,
+                      "checkpoint": str(checkpoint.payload.get("source", ""))},
+            "has_poses3d": poses3d is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def load_index(path: str | Path) -> PoseIndex:
+    """Open an index directory written by :func:`build_index`."""
+    path = Path(path)
+    info_file = path / "index.json"
+    if not info_file.is_file():
+        raise PoseIndexError(f"{path}: not a vipe-ray index (no index.json; build one with `vipe-ray index`)")
+    info = json.loads(info_file.read_text())
+    if info.get("format") != INDEX_FORMAT:
+        raise PoseIndexError(f"{info_file}: format {info.get('format')!r}, expected {INDEX_FORMAT!r}")
+    for name in ("vectors.faiss", "embeddings.npz", "metadata.parquet", MODEL_FILE):
+        if not (path / name).is_file():
+            raise PoseIndexError(f"{path}: {name} is missing")
+    arrays = np.load(path / "embeddings.npz")
+    checkpoint = load_checkpoint(path / MODEL_FILE)
+    vectors = faiss.read_index(str(path / "vectors.faiss"))
+    poses3d = np.load(path / "poses3d.npy") if info.get("has_poses3d") else None
+    meta = pq.read_table(path / "metadata.parquet")
+    index = PoseIndex(arrays["mean"], arrays["sigma"], arrays["keypoints"].astype(np.float32), arrays["visible"],
+                      poses3d, meta, vectors, info, checkpoint)
+    if vectors.ntotal != len(index) or meta.num_rows != len(index) or len(index) != info["count"]:
+        raise PoseIndexError(f"{path}: its files disagree on the number of poses (vectors {vectors.ntotal}, "
+                          f"embeddings {len(index)}, metadata {meta.num_rows}, index.json {info['count']})")
+    return index
+
