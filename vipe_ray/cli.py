@@ -110,10 +110,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # Both methods with the same kind of weights: the average where the run kept one, or the trained ones.
     averaged = False if args.trained_weights else None
-    checkpoint = load_checkpoint(args.checkpoint, averaged=averaged)
+    checkpoint = load_checkpoint(args.checkpoint, averaged=averaged, which=args.which)
     config = checkpoint.config
     lifter_path = Path(args.checkpoint) / "lifter.pt"
-    lifter_checkpoint = load_checkpoint(args.checkpoint, kind="lifter", averaged=averaged) \
+    lifter_checkpoint = load_checkpoint(args.checkpoint, kind="lifter", averaged=averaged, which=args.which) \
         if lifter_path.exists() else None
     lifter = lifter_checkpoint.model if lifter_checkpoint is not None else None
     if lifter is None:
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's eval.val_rigs for validation, eval.rigs otherwise). "
                         "YAML: cameras: [{azimuth, elevation, distance, roll, focal}, ...]")
     p.add_argument("--no-occlusion", action="store_true", help="only the clean protocol (skip occlusion)")
+    p.add_argument("--which", choices=["best", "latest"], default="best",
+                   help="each method's best-validation checkpoint (out/best/, the default where the run kept one) "
+                        "or the latest one")
     p.add_argument("--trained-weights", action="store_true",
                    help="the trained weights, not the weight average the run kept (optim.ema)")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")

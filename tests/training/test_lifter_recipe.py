@@ -113,3 +113,24 @@ def test_without_val_every_the_latest_checkpoint_is_the_runs(tiny_overrides, tmp
     assert checkpoint_file(tmp_path, "lifter") == tmp_path / LIFTER_CHECKPOINT
     with pytest.raises(ValueError, match="which: 'newest'"):
         checkpoint_file(tmp_path, "lifter", which="newest")
+
+
+def test_evaluate_scores_the_best_checkpoints_or_with_which_latest_the_latest(tiny_overrides, tmp_path):
+    import yaml
+
+    from vipe_ray.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(merge(tiny_overrides, {"optim": {"steps": 9}, "val_every": 3,
+                                                         "eval": {"max_queries": 24, "every": 24}})))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    steps = {}
+    for which in ("best", "latest"):
+        out = tmp_path / f"{which}.json"
+        assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--which", which, "--no-occlusion",
+                     "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        steps[which] = (result["step"], result["lifter_step"])
+    assert steps["latest"] == (9, 9)
+    assert steps["best"] == (load_checkpoint(tmp_path / "run").step,
+                             load_checkpoint(tmp_path / "run", kind="lifter").step)

@@ -59,12 +59,22 @@ def atomic_save(obj: dict, path: Path) -> None:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    """The random streams a resume must continue: the run's generator, torch's CPU stream and, where CUDA is in
+    use, every GPU's stream (backbone dropout draws there on a GPU)."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    """Restore :func:`rng_state`; GPU streams where this process has as many GPUs as the run that saved them
+    (a resume on another machine shape keeps its own)."""
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 @dataclass
