@@ -106,7 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vipe_ray.evaluation.tables import format_markdown, format_table, write_json
     from vipe_ray.evaluation.ledger import count_evaluations, ledger_path, record_test_evaluation
     from vipe_ray.storage import same_location
-    from vipe_ray.training.checkpoint import load_checkpoint
+    from vipe_ray.training.checkpoint import load_checkpoint, weights_of
 
     # Both methods with the same kind of weights: the average where the run kept one, or the trained ones.
     averaged = False if args.trained_weights else None
@@ -149,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["step"] = checkpoint.step
     if lifter_checkpoint is not None:
         result["lifter_step"] = lifter_checkpoint.step
-    result["weights"] = "average" if checkpoint.payload.get("ema") is not None and not args.trained_weights else "trained"
+    result["weights"] = weights_of(checkpoint)
     print(format_markdown(result, eval_config.ks) if args.markdown else format_table(result, eval_config.ks))
     if split == "test":
         record_test_evaluation(result, config, "vipe-ray " + " ".join(args.argv), args.checkpoint, checkpoint.step,
@@ -163,13 +163,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vipe_ray.data import file_sha256
-    from vipe_ray.training.checkpoint import CHECKPOINT, load_checkpoint, save_model_only
+    from vipe_ray.training.checkpoint import CHECKPOINT, load_checkpoint, save_model_only, weights_of
 
     checkpoint = load_checkpoint(args.checkpoint)
     out = Path(args.out) / CHECKPOINT
     if out.exists():
         raise FileExistsError(f"{out}: exists; export to a new directory")
-    save_model_only(checkpoint.model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, out)
+    save_model_only(checkpoint.model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, out,
+                    weights=weights_of(checkpoint))
     print(f"wrote {out} (step {checkpoint.step}, {out.stat().st_size / 1e6:.1f} MB, sha256 {file_sha256(out)})")
     return 0
 
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=0.0,
                    help="hide keypoints whose visibility flag or score is below this (default 0: only v = 0)")
     p.add_argument("--candidates", type=int,
-                   help="library poses re-ranked per query by match probability (default: max(100, 10 x top-k))")
+                   help="library poses re-ranked per query by match probability (default 100; never fewer than "
+                        "10 x top-k)")
     p.add_argument("--json", help="write the results as JSON here (one entry per query)")
     p.add_argument("--figure", help="draw the queries beside their best matches to this PNG")
     p.set_defaults(func=cmd_search)

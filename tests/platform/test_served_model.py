@@ -19,7 +19,8 @@ from services import ENV, free_port, http_ok, wait_for
 
 from vipe_ray.cli import main
 from vipe_ray.data import load_table
-from vipe_ray.platform.tracking import PoseEmbedder, log_model, resolve_model
+from vipe_ray.platform.tracking import PoseEmbedder, log_model
+from vipe_ray.search.model_source import resolve_model
 from vipe_ray.prvipe.cameras import RIGS, Orbits, render
 from vipe_ray.training.checkpoint import load_checkpoint
 

@@ -58,7 +58,7 @@ def test_an_index_loads_back_what_was_written(library, tmp_path):
     assert index.info["kind"] == "exact" and index.info["dim"] == 8 and index.info["samples"] == 5
     for name, value in checkpoint.model.state_dict().items():
         assert torch.equal(index.checkpoint.model.state_dict()[name], value), name
-    with pytest.raises(PoseIndexError, match="exists and is not empty"):
+    with pytest.raises(PoseIndexError, match="exists and is not an empty directory"):
         _build(tmp_path / "idx", library)
     (tmp_path / "idx" / "vectors.faiss").unlink()
     with pytest.raises(PoseIndexError, match="vectors.faiss is missing"):
@@ -130,3 +130,69 @@ def test_index_command_errors_name_what_is_wrong(run, tmp_path, capsys):
     assert "rig 'nowhere'" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path), "--keypoints", str(SAMPLE)]) == 2
     assert "not a vipe-ray index" in capsys.readouterr().err
+
+
+def test_mixed_libraries_keep_every_metadata_key_and_a_failed_build_leaves_nothing(run, tmp_path, monkeypatch):
+    from vipe_ray.search import index as index_module
+    from vipe_ray.search.index import metadata_table
+
+    table = metadata_table([{"source": "a.npy", "annotation_id": 0}, {"source": "b.json", "image_id": 7},
+                            {"source": "c.json", "image_id": "img_3.jpg"}])
+    assert table.column_names == ["source", "annotation_id", "image_id"]
+    assert table["image_id"].to_pylist() == [None, "7", "img_3.jpg"]  # mixed types: stored as text
+    first = json.loads(SAMPLE.read_text())["annotations"][0]["keypoints"]  # 16 labelled keypoints
+    np.save(tmp_path / "lib.npy", np.array([first, first], dtype=float).reshape(2, 17, 3))
+    # A build that fails half-way leaves no index and no partial folder; the same --out works afterwards.
+    real = index_module.save_model_only
+    monkeypatch.setattr(index_module, "save_model_only", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        main(["index", "--checkpoint", str(run), "--keypoints", str(tmp_path / "lib.npy"), str(SAMPLE), "--out",
+              str(tmp_path / "mixed")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.npy"]
+    monkeypatch.setattr(index_module, "save_model_only", real)
+    assert main(["index", "--checkpoint", str(run), "--keypoints", str(tmp_path / "lib.npy"), str(SAMPLE), "--out",
+                 str(tmp_path / "mixed")]) == 0
+    index = load_index(tmp_path / "mixed")
+    coco_rows = [r for r in index.rows(np.arange(len(index))) if r["source"] == str(SAMPLE)]
+    assert coco_rows and all("image_id" in r and "file_name" in r for r in coco_rows)
+    assert all("image_id" not in r for r in index.rows(np.arange(len(index))) if r["source"].endswith("lib.npy"))
+
+
+def test_search_caps_top_k_at_the_library_and_refuses_bad_requests(run, tmp_path, capsys):
+    assert main(["index", "--checkpoint", str(run), "--keypoints", str(SAMPLE), "--out", str(tmp_path / "idx")]) == 0
+    size = len(load_index(tmp_path / "idx"))
+    assert main(["search", "--index", str(tmp_path / "idx"), "--keypoints", str(SAMPLE), "--top-k", "1000000000",
+                 "--json", str(tmp_path / "all.json")]) == 0
+    hits = json.loads((tmp_path / "all.json").read_text())
+    assert max(len(h["results"]) for h in hits) == size
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "idx"), "--keypoints", str(SAMPLE), "--top-k", "-3"]) == 2
+    assert "--top-k: -3 must be >= 1" in capsys.readouterr().err
+    copy = tmp_path / "queries.json"
+    copy.write_text(SAMPLE.read_text())
+    assert main(["search", "--index", str(tmp_path / "idx"), "--keypoints", str(copy), "--json", str(copy)]) == 2
+    assert "is the query file" in capsys.readouterr().err and copy.read_text() == SAMPLE.read_text()
+    (tmp_path / "afile").write_text("x")
+    assert main(["index", "--checkpoint", str(run), "--keypoints", str(SAMPLE), "--out", str(tmp_path / "afile")]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_an_exported_model_holds_the_weight_average_and_says_so(run, tmp_path, monkeypatch):
+    from vipe_ray.search.model_source import resolve_model
+    from vipe_ray.training.checkpoint import weights_of
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "model")]) == 0
+    source = load_checkpoint(run)
+    exported = load_checkpoint(tmp_path / "model")
+    assert weights_of(source) == weights_of(exported) == ("average" if source.payload.get("ema") else "trained")
+    for name, value in source.model.state_dict().items():
+        assert torch.equal(exported.model.state_dict()[name], value), name
+    if weights_of(exported) == "average":
+        with pytest.raises(ValueError, match="holds the weight average only"):
+            load_checkpoint(tmp_path / "model", averaged=False)
+    # A registry URI with no tracking store to read it from: a clear error, and no store created as a side effect.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no tracking store"):
+        resolve_model("models:/nothing/1")
+    assert not (tmp_path / "mlflow.db").exists()

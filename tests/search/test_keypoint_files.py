@@ -111,3 +111,23 @@ def test_numpy_arrays_with_scores_nan_or_a_visibility_mask(tmp_path):
     np.savez(tmp_path / "nokeys.npz", points=xy)
     with pytest.raises(KeypointFileError, match="keypoints: missing"):
         read_keypoints(tmp_path / "nokeys.npz")
+
+
+def test_ids_must_be_numbers_or_names_and_arrays_numbers(tmp_path):
+    doc = _doc()
+    doc["images"][0]["id"] = [1]
+    path = _write(tmp_path, doc)
+    with pytest.raises(KeypointFileError, match=r"images\[0\]: id: expected an integer or a string, got \[1\]"):
+        read_keypoints(path)
+    doc = _doc()
+    doc["annotations"][2]["image_id"] = {"id": 3}
+    with pytest.raises(KeypointFileError, match=r"annotations\[2\] \(id 513633\): image_id: expected an integer"):
+        read_keypoints(_write(tmp_path, doc))
+    np.save(tmp_path / "text.npy", np.array([[["a"] * 3] * 17]))
+    with pytest.raises(KeypointFileError, match="text.npy: expected numbers"):
+        read_keypoints(tmp_path / "text.npy")
+    scored = np.ones((2, 17, 3))
+    scored[1, 4, 2] = -0.5
+    np.save(tmp_path / "negative.npy", scored)
+    with pytest.raises(KeypointFileError, match="negative.npy: pose 1 keypoint 4: visibility/score -0.5 is negative"):
+        read_keypoints(tmp_path / "negative.npy")

@@ -31,7 +31,7 @@ from vipe_ray.platform.tracking import (DESCRIPTION_TAG, git_commit, hit_plot, l
                                         retrieval_figure)
 from vipe_ray.prvipe.cameras import RIGS, Orbits, render
 from vipe_ray.storage import Location, location
-from vipe_ray.training.checkpoint import load_checkpoint
+from vipe_ray.training.checkpoint import load_checkpoint, weights_of
 
 try:
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH
@@ -183,7 +183,8 @@ def finalize_trial(client, run_id: str, checkpoint_path: str | None, status: str
         if config.temporal.enabled:
             pixels = pixels[:, None].expand(-1, config.temporal.window, -1, -1).contiguous()
         with mlflow.start_run(run_id=run_id, nested=True):
-            info = log_model(mlflow, ckpt.model, config, pixels, step=ckpt.step, data_checksum=ckpt.data_checksum)
+            info = log_model(mlflow, ckpt.model, config, pixels, step=ckpt.step, data_checksum=ckpt.data_checksum,
+                             weights=weights_of(ckpt))
         summary = {"model_uri": info.model_uri, "step": ckpt.step, "checkpoint": checkpoint.uri}
         client.set_tag(run_id, "model_uri", info.model_uri)
         client.set_tag(run_id, "checkpoint", checkpoint.uri)

@@ -100,8 +100,9 @@ def run_study_trial(params: dict, settings: dict) -> None:
             metrics, full = ray.get(task.remote((work / "checkpoint.pt").read_bytes(), baseline, command,
                                                 study.split))
         log_metrics(client, run_id, metrics)
-        client.log_dict(run_id, full, f"{study.split}_retrieval.json")
-        client.set_tag(run_id, "test_seconds", f"{time.perf_counter() - start:.0f}")
+        # A validation study's name differs from the selection result finalize_trial logs (validation_retrieval.json).
+        client.log_dict(run_id, full, "test_retrieval.json" if study.split == "test" else "study_validation_retrieval.json")
+        client.set_tag(run_id, f"{study.split}_seconds", f"{time.perf_counter() - start:.0f}")
         finalize_trial(client, run_id, str(work / "checkpoint.pt"), "FINISHED", study.validation_queries)
     finally:
         shutil.rmtree(work, ignore_errors=True)

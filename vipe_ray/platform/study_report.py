@@ -141,11 +141,13 @@ def markdown(study, records: list[TrialRecord], table: dict, provenance: dict, p
     per_variant = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     scored = ("was then tested once on the held-out test subjects with every protocol" if study.split == "test"
               else "was then scored on the validation subjects and rigs with every protocol (a recipe search: no "
-                   "test subject was touched)")
+                   "test subject was touched; the checkpoint was chosen on the same subjects, so the scores are "
+                   "optimistic, by an amount that may differ between variants: they rank recipes, they do not "
+                   "estimate a test score)")
     lines += [f"{len(variants)} variants, {per_variant} seeds each (of {seeds}): {len(records)} trials with "
               f"{study.split} scores. "
               f"Each trial trained on the training subjects, kept its best-validation checkpoint (validation "
-              f"subjects, `wide-val` rig) and {scored}. Cells: mean over seeds of Hit@k in %, with the 95% Student-t interval over seeds in "
+              f"subjects, validation rigs) and {scored}. Cells: mean over seeds of Hit@k in %, with the 95% Student-t interval over seeds in "
               f"brackets. Differences are paired by seed against the reference variant `{ref}`; "
               f"\"better\"/\"worse\" when the difference's interval excludes 0. With {len(seeds)} seeds only "
               f"large effects can be detected: \"no difference detected\" is not \"no difference\".", ""]

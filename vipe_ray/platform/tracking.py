@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.models import infer_signature
@@ -30,6 +29,7 @@ from vipe_ray.prvipe.cameras import Orbits
 from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, KeypointError, model_input, pose_features
 from vipe_ray.prvipe.matching import pairwise_np_mpjpe
 from vipe_ray.prvipe.views import normalized_view
+from vipe_ray.search.model_source import MODEL_CHECKPOINT
 from vipe_ray.training.checkpoint import save_model_only
 
 DEFAULT_DB = "mlflow.db"
@@ -147,53 +147,29 @@ class PoseEmbedder(nn.Module):
         return torch.cat([mean, sigma], dim=-1)
 
 
-#: Where a logged model keeps its vipe-ray checkpoint (MLflow copies ``extra_files`` under this folder).
-MODEL_CHECKPOINT = Path("extra_files") / "checkpoint.pt"
-
-
 def log_model(mlflow, model: nn.Module, config: TrainConfig, example: torch.Tensor, name: str = "model",
-              step: int = 0, data_checksum: str = ""):
+              step: int = 0, data_checksum: str = "", weights: str = "trained"):
     """Log a :class:`PoseEmbedder` with MLflow's PyTorch flavour, a signature and an input example.
 
     Format "pt2" (``torch.export``): no pickle, and the loaded model needs neither vipe-ray nor its code;
     the batch dimension stays dynamic (the example has more than one pose). Loading returns the exported
     module, called like the embedder: keypoints ``[batch, 13, 2]`` -> ``[batch, 2 * D]``. The model also
     carries its vipe-ray checkpoint (weights, config and the trained match probability, :data:`MODEL_CHECKPOINT`),
-    which ``vipe-ray index --checkpoint models:/NAME/VERSION`` loads (:func:`resolve_model`).
+    which ``vipe-ray index --checkpoint models:/NAME/VERSION`` loads
+    (:func:`vipe_ray.search.model_source.resolve_model`); ``weights`` says which weights ``model`` holds.
     """
 
     embedder = PoseEmbedder(model).eval()
     with torch.no_grad():
         output = embedder(example)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_model_only(model, config, step, data_checksum, Path(tmp) / MODEL_CHECKPOINT.name)
+        checkpoint = save_model_only(model, config, step, data_checksum, Path(tmp) / MODEL_CHECKPOINT.name,
+                                     weights=weights)
         return mlflow.pytorch.log_model(
             embedder, name=name, serialization_format="pt2",
             signature=infer_signature(example.numpy(), output.numpy()), input_example=example.numpy(),
             pip_requirements=["torch==2.13.0"], extra_files=[str(checkpoint)],
         )
-
-
-def resolve_model(source: str | Path) -> Path:
-    """A model to load with :func:`vipe_ray.training.checkpoint.load_checkpoint`, wherever it is: a run directory
-    or a checkpoint file (returned as is), a logged model's directory (its :data:`MODEL_CHECKPOINT`), or an
-    MLflow model URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, ``models:/m-...``), downloaded from
-    the tracking server (``MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db``)."""
-    text = str(source)
-    if ":/" in text and not Path(text).exists():
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(text))
-        except Exception as exc:  # MlflowException and friends: say which URI and why
-            raise FileNotFoundError(f"{text}: cannot download this model ({exc})") from None
-    else:
-        local = Path(text)
-    if (local / "MLmodel").is_file():
-        if not (local / MODEL_CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{text}: a logged model without a vipe-ray checkpoint ({MODEL_CHECKPOINT}); "
-                                    f"models logged before vipe-ray carried one cannot be indexed")
-        return local / MODEL_CHECKPOINT
-    return local
 
 
 def hit_plot(result: dict, path: Path) -> Path:

@@ -6,15 +6,20 @@
     vipe-ray search --index INDEX_DIR --keypoints QUERIES.json [--min-score S] [--top-k K] [--json OUT.json]
                     [--figure OUT.png]
 
-A search answers every pose of the query file, in file order: ``{"annotation_id", "image_id", ..., "valid",
-"results": [{"rank", "probability", "subject", "clip", "frame", "camera", "pose3d"} or {"rank",
-"probability", "image_id", "annotation_id"}, ...]}``; a query that cannot be embedded (fewer than two visible
-torso keypoints) has ``"valid": false`` and no results.
+A search answers every pose of the query file, in file order: ``{"annotation_id", "image_id", "file_name",
+"score" (those the file has), "valid", "results": [...]}``. Each result: ``rank``, ``probability`` (the match
+probability), ``source`` (the library's file) and, for a pose-table library, ``subject``, ``clip``, ``frame``
+(the source frame index), ``camera`` (0-based, in the rig's camera order), ``rig`` and ``pose3d`` (17 x 3 world
+metres, Human3.6M order); for a keypoint-file library, ``annotation_id``, ``image_id``, ``file_name`` and
+``score`` (that library annotation's detector score). A query that cannot be embedded (:data:`NOT_EMBEDDED`)
+has ``"valid": false`` and no results.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,13 +27,16 @@ import numpy as np
 
 from vipe_ray import log
 from vipe_ray.data import load_table
-from vipe_ray.platform.tracking import resolve_model
 from vipe_ray.search.figure import describe, search_figure
 from vipe_ray.search.index import PoseIndex, build_index, load_index
 from vipe_ray.search.keypoint_files import read_keypoints
 from vipe_ray.search.library import Embedded, concat, embed_keypoint_set, embed_table
+from vipe_ray.search.model_source import resolve_model
 from vipe_ray.training.checkpoint import checkpoint_file, load_checkpoint
 
+#: Why a pose has no embedding (:func:`vipe_ray.prvipe.keypoints.normalize_masked`).
+NOT_EMBEDDED = ("it cannot be normalized: fewer than two distinct visible torso keypoints, or a torso too "
+                "foreshortened for its limbs")
 #: Fields of a query's metadata repeated in its search result entry.
 QUERY_FIELDS = ("annotation_id", "image_id", "file_name", "score")
 
@@ -42,8 +50,8 @@ def index_command(checkpoint: str, out: str, data: str | None = None, subjects: 
                          "or --keypoints FILE ... (poses from keypoint files)")
     if data is not None and rig is None:
         raise ValueError("index --data: --rig is required (a built-in rig such as h36m, or a rig YAML)")
-    if out and Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"--out {out}: exists and is not empty (an index is never overwritten)")
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise FileExistsError(f"--out {out}: exists and is not an empty directory (an index is never overwritten)")
     start = time.perf_counter()
     model_file = resolve_model(checkpoint)
     ckpt = load_checkpoint(model_file)
@@ -76,6 +84,9 @@ def index_command(checkpoint: str, out: str, data: str | None = None, subjects: 
 def search_entries(index: PoseIndex, queries: Embedded, top_k: int, candidates: int | None = None
                    ) -> tuple[list[dict], np.ndarray]:
     """Search every query; returns (one entry per query, in order; the library rows ``[m, top_k]``)."""
+    if top_k < 1:
+        raise ValueError(f"--top-k: {top_k} must be >= 1")
+    top_k = min(top_k, max(1, len(index)))  # a library of n poses answers at most n
     rows = np.full((len(queries), top_k), -1, dtype=np.int64)
     probs = np.full((len(queries), top_k), np.nan)
     valid = np.flatnonzero(queries.valid)
@@ -90,19 +101,34 @@ def search_entries(index: PoseIndex, queries: Embedded, top_k: int, candidates: 
         for rank, (row, meta) in enumerate(zip(found, index.rows(found)), start=1):
             result = {"rank": rank, "probability": round(float(probs[q, rank - 1]), 6), **meta}
             if index.poses3d is not None:
-                result["pose3d"] = np.round(index.poses3d[row], 4).tolist()
+                result["pose3d"] = [[round(float(v), 4) for v in joint] for joint in index.poses3d[row]]
             results.append(result)
         entry["results"] = results
         entries.append(entry)
     return entries, rows
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: a failure never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def search_command(index_dir: str, keypoints: str, top_k: int = 5, min_score: float = 0.0,
                    candidates: int | None = None, json_out: str | None = None, figure: str | None = None,
                    print_fn=print) -> list[dict]:
     """Search an index with the poses of a keypoint file; prints a table, writes JSON and the figure."""
+    if top_k < 1:
+        raise ValueError(f"--top-k: {top_k} must be >= 1")
+    if json_out and Path(json_out).resolve() == Path(keypoints).resolve():
+        raise ValueError(f"--json {json_out}: is the query file; choose another path")
+    if figure and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--figure needs matplotlib (pip install -e '.[platform]')")
     index = load_index(index_dir)
     queries = embed_keypoint_set(index.checkpoint.model, read_keypoints(keypoints, min_score))
+    if figure and not queries.valid.any():
+        raise ValueError("--figure: no query could be embedded (each needs a normalizable torso)")
     start = time.perf_counter()
     entries, rows = search_entries(index, queries, top_k, candidates)
     seconds = time.perf_counter() - start
@@ -111,14 +137,14 @@ def search_command(index_dir: str, keypoints: str, top_k: int = 5, min_score: fl
     for entry in entries:
         head = f"query {entry.get('annotation_id')}" + (f" (image {entry['image_id']})" if "image_id" in entry else "")
         if not entry["valid"]:
-            print_fn(f"{head}: not embedded (fewer than two visible torso keypoints)")
+            print_fn(f"{head}: not embedded ({NOT_EMBEDDED})")
             continue
         print_fn(head)
         for result in entry["results"]:
             print_fn(f"  #{result['rank']:<3} p={result['probability']:.3f}  {describe(result)}"
                      + (f"  subject {result['subject']}" if "subject" in result else ""))
     if json_out:
-        Path(json_out).write_text(json.dumps(entries, indent=1) + "\n")
+        write_atomic(Path(json_out), json.dumps(entries, indent=1) + "\n")
         print_fn(f"wrote {json_out}")
     if figure:
         search_figure(figure, queries, entries, index, rows)

@@ -5,14 +5,15 @@ query's (Euclidean), from a FAISS index: exact (``IndexFlatL2``) for libraries b
 poses, where brute force is fast enough, and a graph index (HNSW) above. (2) Those candidates re-ranked by the
 model's own score, the match probability ``p = mean over K x K sample pairs of sigmoid(-a d + b)`` with the
 trained (a, b): the quantity Pr-VIPE is trained and evaluated on. The K samples of every embedding use one
-fixed bank of normal draws per side (seeded, stored with the index), so a search is deterministic and all
-candidates of a query are compared on the same draws.
+fixed bank of normal draws per side (drawn from the index's seed when it is built and stored with it), so a
+search is deterministic and all candidates of a query are compared on the same draws.
 
 An index is a directory::
 
     index.json        what it holds: size, dimension, index kind, samples, the model it was built with
     vectors.faiss     the FAISS index over the means
-    embeddings.npz    means and sigmas [n, D] float32; normalized 2D keypoints [n, 13, 2] and visibility [n, 13]
+    embeddings.npz    means and sigmas [n, D] float32; normalized 2D keypoints [n, 13, 2] and visibility [n, 13];
+                      the two banks of sample draws [K, D]
     poses3d.npy       the 3D pose of every library pose [n, 17, 3] (pose-table libraries only)
     metadata.parquet  one row per pose: source, subject/clip/frame/camera or annotation/image ids
     model.pt          the embedding model (a vipe-ray checkpoint with its config): queries embed with it
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vipe_ray.prvipe.losses import MatchProbability
-from vipe_ray.training.checkpoint import Checkpoint, load_checkpoint, save_model_only
+from vipe_ray.training.checkpoint import Checkpoint, load_checkpoint, save_model_only, weights_of
 
 INDEX_FORMAT = "vipe-ray-index/1"
 #: Below this many poses the candidates come from exact search (bench/search_index.py measures the crossover).
@@ -42,6 +45,8 @@ EXACT_BELOW = 50_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 #: Candidates re-ranked per query, at least (a search asks for max(this, 10 x top-k)).
 CANDIDATES = 100
+#: Sample distances held at once while re-ranking (16 M floats, 64 MB): bounds a search's memory at any top-k.
+RERANK_FLOATS = 1 << 24
 MODEL_FILE = "model.pt"
 
 
@@ -63,7 +68,7 @@ class PoseIndex:
     vectors: faiss.Index
     info: dict
     checkpoint: Checkpoint
-    _draws: dict = field(default_factory=dict, repr=False)
+    sample_draws: dict = field(default_factory=dict, repr=False)  # side -> [K, D] normal draws
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -77,9 +82,7 @@ class PoseIndex:
         (``"query"`` or ``"library"``); a point embedding is its mean (K = 1)."""
         if not self.info["probabilistic"]:
             return mean[..., None, :]
-        if side not in self._draws:
-            self._draws[side] = draws(self.info, side)
-        return mean[..., None, :] + sigma[..., None, :] * self._draws[side]
+        return mean[..., None, :] + sigma[..., None, :] * self.sample_draws[side]
 
     def probabilities(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Match probability of each query's candidates: samples ``[b, K, D]`` x ``[b, C, K, D]`` -> ``[b, C]``.
@@ -96,14 +99,19 @@ class PoseIndex:
             0.5 * match.smoothing)
 
     @torch.no_grad()
-    def search(self, mean: np.ndarray, sigma: np.ndarray, top_k: int, candidates: int | None = None,
-               batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, mean: np.ndarray, sigma: np.ndarray, top_k: int, candidates: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """The ``top_k`` library poses of each query embedding (``mean``, ``sigma`` ``[m, D]``): (row indices
-        ``[m, top_k]``, match probabilities ``[m, top_k]``), best first; -1 / NaN where the library is short."""
+        ``[m, top_k]``, match probabilities ``[m, top_k]``), best first; -1 / NaN where the library is short.
+        ``candidates``: library poses re-ranked per query (default :data:`CANDIDATES`; at least 10 x top_k)."""
         if top_k < 1:
-            raise ValueError(f"top-k: {top_k} must be >= 1")
+            raise ValueError(f"--top-k: {top_k} must be >= 1")
         m = len(mean)
+        top_k = min(top_k, max(1, len(self)))
         want = min(len(self), max(candidates or CANDIDATES, 10 * top_k))
+        # Queries per re-ranking batch: its sample distances [batch, K, want K] stay within RERANK_FLOATS.
+        k = self.info["samples"]
+        batch = max(1, RERANK_FLOATS // (k * k * max(want, 1)))
         rows = np.full((m, top_k), -1, dtype=np.int64)
         probs = np.full((m, top_k), np.nan, dtype=np.float64)
         if m == 0 or len(self) == 0:
@@ -145,8 +153,9 @@ class PoseIndex:
         return best_i.numpy(), best_p.numpy()
 
     def rows(self, indices: np.ndarray) -> list[dict]:
-        """Metadata rows (dicts) of library rows ``indices``."""
-        return self.meta.take(pa.array(indices, type=pa.int64())).to_pylist()
+        """Metadata rows (dicts, without the keys a row has no value for) of library rows ``indices``."""
+        rows = self.meta.take(pa.array(indices, type=pa.int64())).to_pylist()
+        return [{k: v for k, v in row.items() if v is not None} for row in rows]
 
 
 def draws(info: dict, side: str) -> torch.Tensor:
@@ -177,25 +186,17 @@ def build_index(out: str | Path, checkpoint: Checkpoint, source: str, mean: np.n
     """Write an index directory at ``out`` (see the module docstring) and return its path. ``source`` says what
     the library was built from (the command's inputs); ``checkpoint`` is the model that embedded it."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PoseIndexError(f"{out}: exists and is not empty; choose a new --out (an index is never overwritten)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PoseIndexError(f"{out}: exists and is not an empty directory; choose a new --out (an index is never "
+                             f"overwritten)")
     n = len(mean)
     if not (len(sigma) == len(keypoints) == len(visible) == len(meta) == n) or (poses3d is not None and len(poses3d) != n):
         raise ValueError("build_index: mean, sigma, keypoints, visible, meta (and poses3d) must have one row per pose")
+    table = metadata_table(meta)
     start = time.perf_counter()
     vectors = vector_index(mean, kind)
     progress(f"[index] {n} poses in a {type(vectors).__name__} ({time.perf_counter() - start:.1f} s)")
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=False)
-    faiss.write_index(vectors, str(tmp / "vectors.faiss"))
-    np.savez(tmp / "embeddings.npz", mean=mean.astype(np.float32), sigma=sigma.astype(np.float32),
-             keypoints=keypoints.astype(np.float16), visible=visible.astype(bool))
-    if poses3d is not None:
-        np.save(tmp / "poses3d.npy", poses3d.astype(np.float32))
-    pq.write_table(pa.Table.from_pylist(meta) if meta else pa.table({"source": pa.array([], pa.string())}),
-                   tmp / "metadata.parquet")
     model = checkpoint.model
-    save_model_only(model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, tmp / MODEL_FILE)
     info = {"format": INDEX_FORMAT, "count": n, "dim": int(mean.shape[1]),
             "kind": "hnsw" if isinstance(vectors, faiss.IndexHNSW) else "exact",
             "samples": int(model.config.samples) if model.config.probabilistic else 1,
@@ -203,11 +204,40 @@ def build_index(out: str | Path, checkpoint: Checkpoint, source: str, mean: np.n
             "model": {"step": checkpoint.step, "data_checksum": checkpoint.data_checksum,
                       "checkpoint": str(checkpoint.payload.get("source", ""))},
             "has_poses3d": poses3d is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside out under a private name, renamed into place when complete: a failure leaves no index.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        faiss.write_index(vectors, str(tmp / "vectors.faiss"))
+        np.savez(tmp / "embeddings.npz", mean=mean.astype(np.float32), sigma=sigma.astype(np.float32),
+                 keypoints=keypoints.astype(np.float16), visible=visible.astype(bool),
+                 draws_query=draws(info, "query").numpy(), draws_library=draws(info, "library").numpy())
+        if poses3d is not None:
+            np.save(tmp / "poses3d.npy", poses3d.astype(np.float32))
+        pq.write_table(table, tmp / "metadata.parquet")
+        save_model_only(model, checkpoint.config, checkpoint.step, checkpoint.data_checksum, tmp / MODEL_FILE,
+                        weights=weights_of(checkpoint))
+        (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def metadata_table(meta: list[dict]) -> pa.Table:
+    """One metadata row per pose as a table with every key any row has (missing values null). A key whose
+    values mix types (an image id that is a number in one file and a name in another) is stored as text."""
+    keys = list(dict.fromkeys(k for row in meta for k in row)) or ["source"]
+    columns = {}
+    for key in keys:
+        values = [row.get(key) for row in meta]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            columns[key] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(columns)
 
 
 def load_index(path: str | Path) -> PoseIndex:
@@ -228,7 +258,13 @@ def load_index(path: str | Path) -> PoseIndex:
     poses3d = np.load(path / "poses3d.npy") if info.get("has_poses3d") else None
     meta = pq.read_table(path / "metadata.parquet")
     index = PoseIndex(arrays["mean"], arrays["sigma"], arrays["keypoints"].astype(np.float32), arrays["visible"],
-                      poses3d, meta, vectors, info, checkpoint)
+                      poses3d, meta, vectors, info, checkpoint,
+                      {"query": torch.from_numpy(arrays["draws_query"]),
+                       "library": torch.from_numpy(arrays["draws_library"])})
+    dim = checkpoint.config.model.embedding_dim
+    if vectors.d != info["dim"] or dim != info["dim"]:
+        raise PoseIndexError(f"{path}: the vectors ({vectors.d}), index.json ({info['dim']}) and the model "
+                             f"({dim}) disagree on the embedding dimension")
     if vectors.ntotal != len(index) or meta.num_rows != len(index) or len(index) != info["count"]:
         raise PoseIndexError(f"{path}: its files disagree on the number of poses (vectors {vectors.ntotal}, "
                           f"embeddings {len(index)}, metadata {meta.num_rows}, index.json {info['count']})")

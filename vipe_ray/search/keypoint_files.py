@@ -59,6 +59,13 @@ def read_keypoints(path: str | Path, min_score: float = 0.0) -> KeypointSet:
     raise KeypointFileError(f"{path}: unknown keypoint file type {path.suffix!r} (expected .json, .npy or .npz)")
 
 
+def _identifier(value, where: str):
+    """An id (of an image or an annotation): an integer or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise KeypointFileError(f"{where}: expected an integer or a string, got {value!r}")
+    return value
+
+
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise KeypointFileError(f"{where}: expected a finite number, got {value!r}")
@@ -80,13 +87,16 @@ def read_coco(path: str | Path, min_score: float = 0.0) -> KeypointSet:
     for i, image in enumerate(doc.get("images") or []):
         if not isinstance(image, dict) or "id" not in image:
             raise KeypointFileError(f"{path}: images[{i}]: expected a mapping with an id")
-        images[image["id"]] = image
+        images[_identifier(image["id"], f"{path}: images[{i}]: id")] = image
     keypoints = np.full((len(doc["annotations"]), NUM_KEYPOINTS_2D, 2), np.nan)
     meta = []
     for i, ann in enumerate(doc["annotations"]):
         if not isinstance(ann, dict):
             raise KeypointFileError(f"{path}: annotations[{i}]: expected a mapping, got {type(ann).__name__}")
         label = f"{path}: annotations[{i}] (id {ann.get('id', '?')})"
+        for key in ("id", "image_id"):
+            if key in ann:
+                _identifier(ann[key], f"{label}: {key}")
         raw = ann.get("keypoints")
         if not isinstance(raw, list) or len(raw) != 3 * COCO17:
             got = f"{len(raw)} values" if isinstance(raw, list) else repr(raw)
@@ -108,6 +118,13 @@ def read_coco(path: str | Path, min_score: float = 0.0) -> KeypointSet:
     return KeypointSet(keypoints, meta, str(path))
 
 
+def _floats(values, where: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise KeypointFileError(f"{where}: expected numbers ({exc})") from None
+
+
 def read_array(path: str | Path, min_score: float = 0.0) -> KeypointSet:
     """``.npy`` / ``.npz`` keypoints -> :class:`KeypointSet` (``annotation_id`` = row number)."""
     path = Path(path)
@@ -118,7 +135,7 @@ def read_array(path: str | Path, min_score: float = 0.0) -> KeypointSet:
     if path.suffix == ".npz":
         if "keypoints" not in loaded:
             raise KeypointFileError(f"{path}: keypoints: missing (the archive has {sorted(loaded.files)})")
-        array = np.asarray(loaded["keypoints"], dtype=np.float64)
+        array = _floats(loaded["keypoints"], f"{path}: keypoints")
         visible = np.asarray(loaded["visible"]) if "visible" in loaded else None
         if array.ndim != 3 or array.shape[-1] != 2:
             raise KeypointFileError(f"{path}: keypoints: expected shape [n, 17 or 13, 2], got {list(array.shape)}")
@@ -128,11 +145,14 @@ def read_array(path: str | Path, min_score: float = 0.0) -> KeypointSet:
                                         f"got {list(visible.shape)}")
             array = np.where(visible.astype(bool)[..., None], array, np.nan)
     else:
-        array = np.asarray(loaded, dtype=np.float64)
+        array = _floats(loaded, str(path))
         if array.ndim != 3 or array.shape[-1] not in (2, 3):
             raise KeypointFileError(f"{path}: expected shape [n, 17 or 13, 2 or 3], got {list(array.shape)}")
         if array.shape[-1] == 3:
             score = array[..., 2]
+            if (score < 0).any():
+                n, j = (int(v) for v in np.argwhere(score < 0)[0])
+                raise KeypointFileError(f"{path}: pose {n} keypoint {j}: visibility/score {score[n, j]} is negative")
             shown = (score > 0) & (score >= min_score)
             array = np.where(shown[..., None], array[..., :2], np.nan)
     if array.shape[1] not in (COCO17, NUM_KEYPOINTS_2D):

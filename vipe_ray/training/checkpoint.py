@@ -86,6 +86,7 @@ class Checkpoint:
     step: int
     data_checksum: str
     payload: dict
+    averaged: bool = False  # the model holds the weight average (optim.ema) rather than the trained weights
 
 
 def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = "cpu",
@@ -106,22 +107,35 @@ def load_checkpoint(path: str | Path, kind: str = "prvipe", map_location: str = 
     config = config_from_dict(payload["config"], str(file))
     model: torch.nn.Module = build_model(config) if kind == "prvipe" else build_lifter(config)
     average = payload.get("ema")
-    if averaged and average is None:
+    saved = payload.get("weights")  # a model saved alone (save_model_only) says which weights it holds
+    if averaged and average is None and saved != "average":
         raise ValueError(f"{file}: no weight average in this checkpoint (trained with optim.ema = 0)")
-    use_average = average is not None if averaged is None else averaged
+    if averaged is False and saved == "average":
+        raise ValueError(f"{file}: holds the weight average only (a model saved alone); its trained weights are "
+                         f"in the run it came from")
+    use_average = average is not None if averaged is None else bool(averaged and average is not None)
     model.load_state_dict(average["average"] if use_average else payload["model"])
     model.eval()
-    return Checkpoint(model, config, payload["step"], payload["data_checksum"], payload)
+    return Checkpoint(model, config, payload["step"], payload["data_checksum"], payload,
+                      use_average or saved == "average")
+
+
+def weights_of(checkpoint: Checkpoint) -> str:
+    """Which weights a loaded checkpoint's model holds: ``"average"`` (the weight average) or ``"trained"``."""
+    return "average" if checkpoint.averaged else "trained"
 
 
 def save_model_only(model: torch.nn.Module, config: TrainConfig, step: int, data_checksum: str, path: str | Path,
-                    kind: str = "prvipe") -> Path:
-    """Save the weights ``model`` holds now (the average, where the caller loaded it) with the config and
-    bookkeeping, without optimizer or RNG state: a file :func:`load_checkpoint` reads, a fraction of a run's
-    checkpoint (what a pose index and a logged model carry). Written atomically."""
+                    kind: str = "prvipe", weights: str = "trained") -> Path:
+    """Save the weights ``model`` holds now with the config and bookkeeping, without optimizer or RNG state: a
+    file :func:`load_checkpoint` reads, a fraction of a run's checkpoint (what a pose index and a logged model
+    carry). ``weights`` says which they are (``"average"`` or ``"trained"``, :func:`weights_of`). Written
+    atomically."""
+    if weights not in ("average", "trained"):
+        raise ValueError(f"weights: {weights!r} must be 'average' or 'trained'")
     path = Path(path)
     atomic_save({"format": FORMAT, "kind": kind, "model": model.state_dict(), "config": config_to_dict(config),
-                 "step": step, "data_checksum": data_checksum}, path)
+                 "step": step, "data_checksum": data_checksum, "weights": weights}, path)
     return path
 
 
