@@ -4,7 +4,8 @@ setting, side by side in one run.
     python bench/busy_machine.py [--steps 15] [--set key=value ...]
 
 For each setting -- torch's default (2 threads, OpenMP's default spin-waiting), 2 threads with
-``OMP_WAIT_POLICY=PASSIVE``, and 1 thread -- runs ``bench/train_step.py --baseline none`` (the default
+``OMP_WAIT_POLICY=PASSIVE``, 2 threads with GNU OpenMP's spin count cut to 10,000 and 1,000 iterations, and
+1 thread -- runs ``bench/train_step.py --baseline none`` (the default
 config's step; ``--set`` passes through) in a fresh process, once on the otherwise idle machine and once
 beside a busy process that holds one core (a Python loop), and prints the step time of each and their
 ratio. OpenMP reads its wait policy when it starts, hence a process per setting.
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "2 threads, spin-waiting (torch's default)": ({}, []),
     "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "2 threads, GOMP_SPINCOUNT=10000": ({"GOMP_SPINCOUNT": "10000"}, []),
+    "2 threads, GOMP_SPINCOUNT=1000": ({"GOMP_SPINCOUNT": "1000"}, []),
     "1 thread": ({}, ["--threads", "1"]),
 }
 
