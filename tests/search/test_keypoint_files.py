@@ -54,7 +54,8 @@ def test_min_score_hides_low_confidence_detector_keypoints(tmp_path):
         keypoints += [100.0 + j, 200.0 + 2 * j, 0.05 if j in (9, 10) else 0.9]
     path = _write(tmp_path, [{"image_id": 7, "category_id": 1, "keypoints": keypoints, "score": 0.8}])
     kept = read_keypoints(path)
-    assert not np.isnan(kept.keypoints).any()
+    assert not np.isnan(kept.keypoints).any() and kept.scored
+    assert not read_keypoints(SAMPLE).scored  # COCO's 0/1/2 flags
     hidden = read_keypoints(path, min_score=0.3)
     wrists = [COCO17_TO_COCO13.index(9), COCO17_TO_COCO13.index(10)]
     assert np.isnan(hidden.keypoints[0, wrists]).all()

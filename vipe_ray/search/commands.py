@@ -126,7 +126,11 @@ def search_command(index_dir: str, keypoints: str, top_k: int = 5, min_score: fl
     if figure and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--figure needs matplotlib (pip install -e '.[platform]')")
     index = load_index(index_dir)
-    queries = embed_keypoint_set(index.checkpoint.model, read_keypoints(keypoints, min_score))
+    poses = read_keypoints(keypoints, min_score)
+    if poses.scored and min_score == 0:
+        print_fn(f"note: {keypoints} holds detector confidences; --min-score 0 keeps every keypoint, the "
+                 f"low-confidence guesses too (try --min-score 0.3)")
+    queries = embed_keypoint_set(index.checkpoint.model, poses)
     if figure and not queries.valid.any():
         raise ValueError("--figure: no query could be embedded (each needs a normalizable torso)")
     start = time.perf_counter()

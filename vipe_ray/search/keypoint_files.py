@@ -40,6 +40,8 @@ class KeypointSet:
     keypoints: np.ndarray
     meta: list[dict] = field(default_factory=list)
     source: str = ""
+    #: The file's third values look like a detector's confidences (fractions), not COCO's 0/1/2 flags.
+    scored: bool = False
 
     def __len__(self) -> int:
         return len(self.keypoints)
@@ -90,6 +92,7 @@ def read_coco(path: str | Path, min_score: float = 0.0) -> KeypointSet:
         images[_identifier(image["id"], f"{path}: images[{i}]: id")] = image
     keypoints = np.full((len(doc["annotations"]), NUM_KEYPOINTS_2D, 2), np.nan)
     meta = []
+    scored = False
     for i, ann in enumerate(doc["annotations"]):
         if not isinstance(ann, dict):
             raise KeypointFileError(f"{path}: annotations[{i}]: expected a mapping, got {type(ann).__name__}")
@@ -105,6 +108,7 @@ def read_coco(path: str | Path, min_score: float = 0.0) -> KeypointSet:
         if (triples[:, 2] < 0).any():
             j = int(np.flatnonzero(triples[:, 2] < 0)[0])
             raise KeypointFileError(f"{label}: keypoints[{3 * j + 2}]: visibility/score {triples[j, 2]} is negative")
+        scored = scored or bool((triples[:, 2] != np.round(triples[:, 2])).any())
         shown = (triples[:, 2] > 0) & (triples[:, 2] >= min_score)
         xy = np.where(shown[:, None], triples[:, :2], np.nan)
         keypoints[i] = xy[list(COCO17_TO_COCO13)]
@@ -115,7 +119,7 @@ def read_coco(path: str | Path, min_score: float = 0.0) -> KeypointSet:
         if "score" in ann:
             row["score"] = _number(ann["score"], f"{label}: score")
         meta.append(row)
-    return KeypointSet(keypoints, meta, str(path))
+    return KeypointSet(keypoints, meta, str(path), scored)
 
 
 def _floats(values, where: str) -> np.ndarray:
