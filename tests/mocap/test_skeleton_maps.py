@@ -23,7 +23,7 @@ from vipe_ray.mocap.skeleton import (
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 FLAVOURS_DIR = FIXTURES / "bvh-flavours"
 MINI_BVH = FIXTURES / "cmu-mini" / "bvh" / "01_01.bvh"
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not (SHARED / "cmu-mocap-more").is_dir(), reason="needs /work/shared data")
 
 #: fixture -> (its built-in map, the BVH End Sites at the left and right toe tips)

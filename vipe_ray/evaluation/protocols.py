@@ -105,16 +105,20 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _embed(model: torch.nn.Module, features: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, sigma) of CPU features ``[n, ..., 39]``: the model runs on its own device (a GPU worker's
-    validation), the results come back to the CPU, where the retrieval arithmetic runs."""
+def embed_features(model: torch.nn.Module, features: torch.Tensor, batch: int = 2048
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sigma) ``[n, D]`` of CPU features ``[n, ..., 39]``: the model runs on its own device (a GPU
+    worker's validation), in batches, and the results come back to the CPU, where retrieval runs."""
     model.eval()
     device = _device(model)
     means, sigmas = [], []
     for start in range(0, features.shape[0], batch):
         m, s = model(features[start:start + batch].to(device))
-        means.append(m.cpu())
-        sigmas.append(s.cpu())
+        means.append(m.float().cpu())
+        sigmas.append(s.float().cpu())
+    if not means:  # no poses
+        dim = model.config.embedding_dim
+        return torch.zeros(0, dim), torch.zeros(0, dim)
     return torch.cat(means), torch.cat(sigmas)
 
 
@@ -127,7 +131,7 @@ def camera_view(model: torch.nn.Module, lifter: torch.nn.Module | None, pixels: 
     feats, valid_frames = model_input(pixels, vis)
     feats = feats.float()
     valid = valid_frames.all(1)  # a window needs every frame
-    mean, sigma = _embed(model, feats)
+    mean, sigma = embed_features(model, feats)
     eps = torch.randn((mean.shape[0], k, mean.shape[1]), generator=generator)
     centre = frames // 2
     view = {"mean": mean, "samples": mean[:, None] + (sigma[:, None] * eps if probabilistic else 0.0),

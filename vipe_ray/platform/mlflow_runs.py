@@ -135,14 +135,12 @@ def split_metrics(checkpoint: str, split: str = "test", lifter=None, progress=la
         raise ValueError(f"split: {split!r} is not one of {SPLITS}")
     ckpt = _load(location(checkpoint))
     config = ckpt.config
-    if split == "test":
-        table = load_table(config.data.table_path()).select(config.data.test_subjects)
-        result = evaluate_rigs(ckpt.model, config, table, lifter=lifter, progress=progress)
+    test = split == "test"
+    table = load_table(config.data.table_path()).select(config.data.test_subjects if test else config.data.val_subjects)
+    eval_config = config.eval if test else replace(config.eval, rigs=config.eval.val_rigs)
+    result = evaluate_rigs(ckpt.model, config, table, lifter=lifter, eval_config=eval_config, progress=progress)
+    if test:
         record_test_evaluation(result, config, command or f"test_metrics {checkpoint}", checkpoint, ckpt.step)
-    else:
-        table = load_table(config.data.table_path()).select(config.data.val_subjects)
-        result = evaluate_rigs(ckpt.model, config, table, lifter=lifter, progress=progress,
-                               eval_config=replace(config.eval, rigs=config.eval.val_rigs))
     result["split"] = split
     metrics = flat_metrics(result, f"{split}/")
     return (metrics, result) if with_result else metrics

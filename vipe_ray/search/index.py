@@ -45,8 +45,9 @@ EXACT_BELOW = 50_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 #: Candidates re-ranked per query, at least (a search asks for max(this, 10 x top-k)).
 CANDIDATES = 100
-#: Sample distances held at once while re-ranking (16 M floats, 64 MB): bounds a search's memory at any top-k.
-RERANK_FLOATS = 1 << 24
+#: Sample distances held at once while re-ranking (4 M floats; with the samples they are computed from, about
+#: 100 MB at 64 dimensions): bounds a search's memory at any top-k.
+RERANK_FLOATS = 1 << 22
 MODEL_FILE = "model.pt"
 
 
@@ -85,18 +86,9 @@ class PoseIndex:
         return mean[..., None, :] + sigma[..., None, :] * self.sample_draws[side]
 
     def probabilities(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Match probability of each query's candidates: samples ``[b, K, D]`` x ``[b, C, K, D]`` -> ``[b, C]``.
-
-        One batched product for the squared distances of all K x (C K) sample pairs of a query (as
-        :meth:`MatchProbability.pairwise` computes them), then the sigmoid averaged over the K x K pairs."""
-        b, c, k, d = candidates.shape
-        flat = candidates.reshape(b, c * k, d)
-        sq = torch.baddbmm((flat * flat).sum(-1)[:, None, :], queries, flat.transpose(1, 2), alpha=-2.0)
-        sq.add_((queries * queries).sum(-1)[:, :, None])
-        match = self.match
-        sigmoid = sq.clamp_min_(0.0).sqrt_().mul_(-match.a).add_(match.b).sigmoid_()
-        return sigmoid.reshape(b, queries.shape[1], c, k).mean((1, 3)).mul_(1.0 - match.smoothing).add_(
-            0.5 * match.smoothing)
+        """Match probability of each query's candidates: samples ``[b, K, D]`` x ``[b, C, K, D]`` -> ``[b, C]``
+        (the model's own :class:`MatchProbability`, over the K x K sample pairs of each candidate)."""
+        return self.match(queries[:, None], candidates)
 
     @torch.no_grad()
     def search(self, mean: np.ndarray, sigma: np.ndarray, top_k: int, candidates: int | None = None

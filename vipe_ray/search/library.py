@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vipe_ray.data import PoseTable
-from vipe_ray.evaluation.protocols import resolve_rig
+from vipe_ray.evaluation.protocols import embed_features, resolve_rig
 from vipe_ray.prvipe.cameras import Orbits, render
 from vipe_ray.prvipe.keypoints import NUM_KEYPOINTS_2D, model_input
 from vipe_ray.search.keypoint_files import KeypointSet
@@ -64,16 +64,7 @@ def embed_keypoints(model: torch.nn.Module, pixels: torch.Tensor | np.ndarray, m
     if pixels.ndim != 3 or tuple(pixels.shape[1:]) != (NUM_KEYPOINTS_2D, 2):
         raise ValueError(f"embed_keypoints: expected [n, {NUM_KEYPOINTS_2D}, 2] keypoints, got {list(pixels.shape)}")
     features, valid = model_input(pixels)
-    model.eval()
-    device = next(model.parameters()).device
-    means, sigmas = [], []
-    for start in range(0, len(features), BATCH):
-        mean, sigma = model(features[start:start + BATCH].float().to(device))
-        means.append(mean.float().cpu())
-        sigmas.append(sigma.float().cpu())
-    dim = model.config.embedding_dim
-    mean = torch.cat(means) if means else torch.zeros(0, dim)
-    sigma = torch.cat(sigmas) if sigmas else torch.zeros(0, dim)
+    mean, sigma = embed_features(model, features.float(), BATCH)
     nan = torch.tensor(float("nan"))
     mean = torch.where(valid[:, None], mean, nan)
     sigma = torch.where(valid[:, None], sigma, nan)
